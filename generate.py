@@ -1,0 +1,185 @@
+"""Generate images from a diffusion network or a distilled generator: seeds -> PNGs, alone or under torchrun.
+
+    python generate.py --network=edm-cifar10-32x32-cond-vp.pkl --outdir=out --seeds=0-63 --batch=64
+    torchrun --standalone --nproc_per_node=2 generate.py --network=... --outdir=out --seeds=0-49999 --subdirs
+
+Each image depends only on its seed, never on the batch size or the number of processes.
+"""
+
+import os
+import re
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils import persistence
+from training import samplers
+
+# ----------------------------------------------------------------------------
+# Command-line helpers.
+
+def parse_int_list(s):
+    """'0-63,100' -> [0, 1, ..., 63, 100]: comma-separated non-negative ints and inclusive ranges."""
+    result = []
+    for part in s.split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if m is None:
+            raise ValueError(f'malformed item "{part}" in "{s}": use comma-separated non-negative integers and '
+                             f'inclusive ranges, e.g. 0-63,100')
+        lo = int(m.group(1))
+        hi = lo if m.group(2) is None else int(m.group(2))
+        if hi < lo:
+            raise ValueError(f'empty range "{part}" in "{s}": write the smaller bound first, e.g. {hi}-{lo}')
+        result.extend(range(lo, hi + 1))
+    return result
+
+
+def _parse_seeds(ctx, param, value):
+    try:
+        return parse_int_list(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param)
+
+
+def load_network(network_pkl, allow_code=False):
+    """The network to sample from a snapshot pickle ({'ema': net, ...}) or a bare network pickle, path or URL."""
+    return persistence.load_network_pkl(network_pkl, allow_code=allow_code)
+
+# ----------------------------------------------------------------------------
+# Images.
+
+def image_path(outdir, seed, subdirs=False):
+    """outdir/{seed:06d}.png, or outdir/{seed - seed % 1000:06d}/{seed:06d}.png with subdirs."""
+    if subdirs:
+        outdir = os.path.join(outdir, f'{seed - seed % 1000:06d}')
+    return os.path.join(outdir, f'{seed:06d}.png')
+
+
+def _to_pil(image):
+    """uint8 CHW (1 or 3 channels) -> PIL image in mode 'L' or 'RGB'."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f'Expected a uint8 image of shape [1 or 3, H, W], got {image.dtype} {list(image.shape)}')
+    hwc = image.transpose(1, 2, 0)
+    return PIL.Image.fromarray(hwc[:, :, 0], 'L') if hwc.shape[2] == 1 else PIL.Image.fromarray(hwc, 'RGB')
+
+
+def save_image(image, path):
+    """Write one uint8 CHW image as PNG, atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    pil = _to_pil(image)
+    dnnlib.util.atomic_write(path, lambda f: pil.save(f, format='PNG'))
+
+
+def save_image_grid(images, path, grid_w, grid_h):
+    """Tile uint8 NCHW images row by row into one grid_h x grid_w PNG (training previews)."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[0] != grid_w * grid_h:
+        raise ValueError(f'Expected {grid_w * grid_h} images (grid {grid_w}x{grid_h}) as NCHW, '
+                         f'got shape {list(images.shape)}')
+    _n, c, h, w = images.shape
+    grid = images.reshape(grid_h, grid_w, c, h, w).transpose(2, 0, 3, 1, 4).reshape(c, grid_h * h, grid_w * w)
+    save_image(grid, path)
+
+# ----------------------------------------------------------------------------
+# Generation core, shared with the training loop.
+
+def check_class(net, class_idx):
+    """A fixed class needs a conditional network and an index below its label_dim."""
+    if class_idx is None:
+        return
+    if not net.label_dim:
+        raise ValueError(f'--class={class_idx} given, but the network is unconditional (label_dim=0); drop --class')
+    if not 0 <= class_idx < net.label_dim:
+        raise ValueError(f'--class={class_idx} is out of range: the network has {net.label_dim} classes '
+                         f'(0..{net.label_dim - 1})')
+
+
+@torch.no_grad()
+def generate_batch(net, seeds, device, class_idx=None, **sampler_kwargs):
+    """Seeds -> uint8 NCHW images on the CPU. Per seed: latents, then class label, then sampler noise."""
+    rnd = samplers.StackedRandomGenerator(device, seeds)
+    latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
+    class_labels = None
+    if net.label_dim:
+        # Drawn even with a fixed class, so the noise that follows does not depend on --class.
+        class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[len(seeds)])]
+        if class_idx is not None:
+            class_labels = torch.zeros_like(class_labels)
+            class_labels[:, class_idx] = 1
+    x = samplers.sample(net, latents, class_labels, rnd.randn_like, **sampler_kwargs)
+    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
+
+
+def generate_images(net, seeds, outdir, batch=64, device='cpu', subdirs=False, class_idx=None, verbose=False,
+                    **sampler_kwargs):
+    """Write {seed:06d}.png for every seed; rank r of W takes batches r, r+W, ...; returns this rank's paths."""
+    check_class(net, class_idx)
+    samplers.sampler_settings(net, **sampler_kwargs)  # fail on every rank before any work
+    batches = [seeds[i : i + batch] for i in range(0, len(seeds), batch)]
+    my_batches = batches[dist.get_rank() :: dist.get_world_size()]
+    paths = []
+    for k, batch_seeds in enumerate(my_batches):
+        if verbose:
+            dist.print0(f'Batch {k + 1}/{len(my_batches)} (seeds {batch_seeds[0]}..{batch_seeds[-1]})')
+        images = generate_batch(net, batch_seeds, device, class_idx=class_idx, **sampler_kwargs)
+        for seed, image in zip(batch_seeds, images):
+            paths.append(image_path(outdir, seed, subdirs))
+            save_image(image.numpy(), paths[-1])
+    return paths
+
+# ----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--network', 'network_pkl', help='Network pickle filename or URL', metavar='PATH|URL', type=str, required=True)
+@click.option('--outdir',                 help='Where to save the output images', metavar='DIR', type=str, required=True)
+@click.option('--seeds',                  help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=str, default='0-63', show_default=True, callback=_parse_seeds)
+@click.option('--subdirs',                help='Create subdirectory for every 1000 seeds', is_flag=True)
+@click.option('--class', 'class_idx',     help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
+@click.option('--batch', 'batch',         help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--steps', 'num_steps',     help='Number of sampling steps  [default: 18 or the network\'s spec]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--sigma_min',              help='Lowest noise level  [default: 0.002 or spec]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_max',              help='Highest noise level  [default: 80 or spec]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--rho',                    help='Time step exponent  [default: 7 or spec]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--S_churn', 'S_churn',     help='Stochasticity strength  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S_min', 'S_min',         help='Stoch. min noise level  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S_max', 'S_max',         help='Stoch. max noise level  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S_noise', 'S_noise',     help='Stoch. noise inflation  [default: 1]', metavar='FLOAT', type=float)
+@click.option('--solver',                 help='Ablate ODE solver  [default: heun or spec]', type=click.Choice(['euler', 'heun']))
+@click.option('--device',                 help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
+@click.option('--trust-pickle',           help='Allow code embedded in the pickle to run (only for files you trust)', is_flag=True)
+def main(network_pkl, outdir, seeds, subdirs, class_idx, batch, device, trust_pickle, **sampler_kwargs):
+    """Generate images (seeds -> PNGs) with a network; sampler options override the network's sampling spec."""
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise click.ClickException('--device=cuda, but CUDA is not available; use --device=cpu')
+    device = dist.init(device)
+    # Rank 0 loads first, so that a URL is downloaded into the cache only once.
+    if dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        net = load_network(network_pkl, allow_code=trust_pickle)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'Cannot load network "{network_pkl}": {e}')
+    finally:
+        if dist.get_rank() == 0:
+            dist.barrier()
+    net = net.eval().requires_grad_(False).to(device)
+
+    dist.print0(f'Generating {len(seeds)} images to "{outdir}" with {dist.get_world_size()} process(es)...')
+    try:
+        generate_images(net, seeds, outdir, batch=batch, device=device, subdirs=subdirs, class_idx=class_idx,
+                        verbose=True, **sampler_kwargs)
+    except ValueError as e:
+        raise click.ClickException(str(e))
+    dist.barrier()
+    dist.print0('Done.')
+    dist.shutdown()
+
+# ----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()
