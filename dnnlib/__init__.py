@@ -1,1 +1,2 @@
 from . import util
+from .util import EasyDict, make_cache_dir_path

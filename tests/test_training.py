@@ -1,0 +1,200 @@
+"""The training loop with --method=edm: files, exact resume, batch-split and world-size invariance, bad input."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dnnlib
+import train
+from dataset_tool import save_dataset
+from torch_utils import persistence
+from training import training_loop as loop_module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny network: one 8x8 level, 16 channels, 1 block.
+TINY_NET = dict(class_name='training.networks.EDMPrecond', model_type='SongUNet', model_channels=16, channel_mult=[1],
+                num_blocks=1, attn_resolutions=[], dropout=0.0)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """16 labelled 8x8 RGB images and the same without labels."""
+    root = tmp_path_factory.mktemp('data')
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, size=[8, 8, 3], dtype=np.uint8) for _ in range(16)]
+    save_dataset(str(root / 'cond.zip'), images, [i % 4 for i in range(16)])
+    save_dataset(str(root / 'uncond.zip'), images, None)
+    return root
+
+
+def run_loop(run_dir, data_path, total_kimg, batch_gpu=None, resume_state=None, seed=1, **kwargs):
+    c = dnnlib.EasyDict(
+        run_dir=str(run_dir),
+        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=str(data_path), use_labels=True),
+        method_kwargs=dict(class_name='training.teacher.EDM', network_kwargs=TINY_NET,
+                           loss_kwargs=dict(class_name='training.loss.EDMLoss'),
+                           optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=1e-3), lr_rampup_kimg=0.016,
+                           ema_halflife_kimg=0.01, sample_steps=2),
+        seed=seed, batch_size=8, batch_gpu=batch_gpu, total_kimg=total_kimg, kimg_per_tick=0.016, snapshot_ticks=1,
+        state_dump_ticks=1, resume_state=resume_state, preview_grid=4, device=torch.device('cpu'))
+    c.update(kwargs)
+    os.makedirs(run_dir, exist_ok=True)
+    return loop_module.training_loop(**c)
+
+
+def final_weights(run_dir):
+    state = torch.load(loop_module.find_latest_state(str(run_dir)), weights_only=True)
+    return state['method']['net'], state['method']['ema']
+
+
+def test_run_writes_files_and_loadable_snapshot(data, tmp_path):
+    assert run_loop(tmp_path, data / 'cond.zip', total_kimg=0.032)
+    names = sorted(os.listdir(tmp_path))
+    assert 'stats.jsonl' in names and 'network-snapshot-000000.pkl' in names and 'training-state-000000.pt' in names
+    assert 'fakes-000000.png' in names
+    lines = [json.loads(l) for l in open(tmp_path / 'stats.jsonl')]
+    assert [l['Progress/kimg']['mean'] for l in lines] == [0.016, 0.032]
+    assert all('Loss/loss' in l and 'timestamp' in l for l in lines)
+    with open(tmp_path / 'network-snapshot-000000.pkl', 'rb') as f:
+        snap = persistence.load(f)
+    assert sorted(snap) == ['augment_pipe', 'dataset_kwargs', 'ema', 'loss_fn']
+    net, ema = final_weights(tmp_path)
+    for k, v in snap['ema'].state_dict().items():
+        assert torch.equal(v, ema[k]), k
+
+
+def test_batch_gpu_does_not_change_result(data, tmp_path):
+    run_loop(tmp_path / 'a', data / 'cond.zip', total_kimg=0.016)
+    run_loop(tmp_path / 'b', data / 'cond.zip', total_kimg=0.016, batch_gpu=4)
+    a, _ = final_weights(tmp_path / 'a')
+    b, _ = final_weights(tmp_path / 'b')
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_exact_resume_after_state_dump_and_sigterm(data, tmp_path, monkeypatch):
+    # Uninterrupted: 6 steps of 8 images.
+    run_loop(tmp_path / 'full', data / 'cond.zip', total_kimg=0.048)
+    full_net, full_ema = final_weights(tmp_path / 'full')
+
+    # Interrupted by SIGTERM during step 3 (after the tick-1 state dump), then resumed from the run directory.
+    from training.teacher import EDM
+    orig_step = EDM.step
+    calls = []
+
+    def step_then_signal(self, rounds, cur_nimg):
+        orig_step(self, rounds, cur_nimg)
+        calls.append(cur_nimg)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(EDM, 'step', step_then_signal)
+    assert run_loop(tmp_path / 'cut', data / 'cond.zip', total_kimg=0.048) is False
+    monkeypatch.setattr(EDM, 'step', orig_step)
+    state = torch.load(loop_module.find_latest_state(str(tmp_path / 'cut')), weights_only=True)
+    assert state['cur_nimg'] == 24  # written at the step boundary after the signal
+
+    run_loop(tmp_path / 'cut', data / 'cond.zip', total_kimg=0.048, resume_state=str(tmp_path / 'cut'))
+    cut_net, cut_ema = final_weights(tmp_path / 'cut')
+    for k in full_net:
+        assert torch.equal(full_net[k], cut_net[k]), k
+        assert torch.equal(full_ema[k], cut_ema[k]), k
+    kimgs = [json.loads(l)['Progress/kimg']['mean'] for l in open(tmp_path / 'cut' / 'stats.jsonl')]
+    assert kimgs == [0.016, 0.032, 0.048]
+
+
+def test_resume_from_earlier_state_is_bitwise_identical(data, tmp_path):
+    run_loop(tmp_path / 'full', data / 'cond.zip', total_kimg=0.048)
+    run_loop(tmp_path / 'part', data / 'cond.zip', total_kimg=0.016)
+    state_file = tmp_path / 'part' / 'training-state-000000.pt'
+    run_loop(tmp_path / 'part', data / 'cond.zip', total_kimg=0.048, resume_state=str(state_file))
+    a, _ = final_weights(tmp_path / 'full')
+    b, _ = final_weights(tmp_path / 'part')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_training_stops_with_clear_error(data, tmp_path):
+    with pytest.raises(FloatingPointError, match='non-finite weights'):
+        run_loop(tmp_path, data / 'cond.zip', total_kimg=0.016,
+                 method_kwargs=dict(class_name='training.teacher.EDM', network_kwargs=TINY_NET,
+                                    loss_kwargs=dict(class_name='training.loss.EDMLoss'),
+                                    optimizer_kwargs=dict(class_name='torch.optim.SGD', lr=float('inf'))))
+    assert not any(n.startswith('network-snapshot') for n in os.listdir(tmp_path))
+
+# ----------------------------------------------------------------------------
+# The CLI.
+
+CLI_NET = ['--arch=ddpmpp', '--cbase=16', '--cres=1', '--dropout=0', '--augment=0', '--batch=8', '--tick=0.008',
+           '--snap=1', '--dump=1', '--workers=0', '--seed=3', '--device=cpu', '--lr-rampup=0']
+
+
+def cli(*args):
+    return CliRunner().invoke(train.main, list(args), catch_exceptions=False)
+
+
+def test_cli_short_run_and_generate(data, tmp_path):
+    r = cli(f'--outdir={tmp_path}', f'--data={data / "cond.zip"}', '--cond=1', '--duration=0.000016', *CLI_NET)
+    assert r.exit_code == 0, r.output
+    (run_dir,) = os.listdir(tmp_path)
+    assert run_dir == '00000-cond-cond-ddpmpp-edm-gpus1-batch8-fp32'
+    options = json.load(open(tmp_path / run_dir / 'training_options.json'))
+    assert options['batch_size'] == 8 and options['seed'] == 3
+    assert options['method_kwargs']['network_kwargs']['model_channels'] == 16
+    assert 'Training options' in open(tmp_path / run_dir / 'log.txt').read()
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--data=/nonexistent.zip'], '--data'),
+    (['--data={uncond}', '--cond=1'], 'no labels'),
+    (['--data={cond}', '--batch=8', '--batch-gpu=3'], '--batch-gpu=3'),
+    ([], 'needs --data'),
+])
+def test_cli_bad_input_creates_nothing(data, tmp_path, args, message):
+    args = [a.format(cond=data / 'cond.zip', uncond=data / 'uncond.zip') for a in args]
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "runs"}', '--device=cpu', *args])
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_cli_transfer_resolution_mismatch(data, tmp_path):
+    from training.networks import EDMPrecond
+    net = EDMPrecond(img_resolution=16, img_channels=3, label_dim=4, model_type='SongUNet', model_channels=16,
+                     channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    with open(tmp_path / 'net.pkl', 'wb') as f:
+        pickle.dump(dict(ema=net), f)
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "runs"}', '--device=cpu', f'--data={data / "cond.zip"}',
+                                        '--cond=1', f'--transfer={tmp_path / "net.pkl"}'])
+    assert r.exit_code != 0 and '--transfer' in r.output and '16x16' in r.output, r.output
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_cli_dry_run_writes_nothing(data, tmp_path):
+    r = cli(f'--outdir={tmp_path / "runs"}', f'--data={data / "cond.zip"}', '--cond=1', '--dry-run', *CLI_NET)
+    assert r.exit_code == 0 and 'Dry run' in r.output
+    assert not (tmp_path / 'runs').exists()
+
+# ----------------------------------------------------------------------------
+# Two processes (gloo) give the weights of one process with the same global batch.
+
+def test_two_processes_match_one(data, tmp_path):
+    common = [f'--data={data / "cond.zip"}', '--cond=1', '--duration=0.000016', '--nosubdir', *CLI_NET]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    one = subprocess.run([sys.executable, 'train.py', f'--outdir={tmp_path / "one"}', *common],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          'train.py', f'--outdir={tmp_path / "two"}', *common],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, _ = final_weights(tmp_path / 'one')
+    b, _ = final_weights(tmp_path / 'two')
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

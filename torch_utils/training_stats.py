@@ -1,0 +1,58 @@
+"""Scalar statistics reported from anywhere in a step and collected across ranks once per tick.
+
+Reporting only accumulates on the device (no host sync); `collect()` reduces over ranks in name order,
+so every rank must call it at the same point. Names reported by some ranks only are zero-filled on the others.
+"""
+
+import torch
+
+from torch_utils import distributed
+
+_moments = {}   # name -> float64 tensor [3]: count, sum, sum of squares
+
+# ----------------------------------------------------------------------------
+
+def report(name, value):
+    """Accumulate every element of `value` under `name`; returns `value` so it can be used inline."""
+    x = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float64)
+    x = x.flatten().to(torch.float64)
+    x = x[torch.isfinite(x)]
+    m = torch.stack([torch.tensor(x.numel(), dtype=torch.float64, device=x.device), x.sum(), x.square().sum()])
+    if name in _moments:
+        _moments[name] = _moments[name].to(m.device) + m
+    else:
+        _moments[name] = m
+    return value
+
+
+def report0(name, value):
+    """Report from rank 0 only (e.g. timings); other ranks contribute nothing."""
+    if distributed.get_rank() == 0:
+        report(name, value)
+    else:
+        _moments.setdefault(name, torch.zeros(3, dtype=torch.float64))
+    return value
+
+
+def collect(device=None):
+    """{name: {'num', 'mean', 'std'}} over all ranks since the last call; resets the accumulators."""
+    device = device or distributed.device()
+    names = set(_moments)
+    if distributed.is_distributed():
+        gathered = [None] * distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, sorted(names))
+        names = set().union(*map(set, gathered))
+    names = sorted(names)
+    if not names:
+        return {}
+    zeros = torch.zeros(3, dtype=torch.float64, device=device)
+    stacked = torch.stack([_moments[n].to(device) if n in _moments else zeros for n in names])
+    distributed.all_reduce_sum(stacked)
+    _moments.clear()
+    result = {}
+    for name, (num, s, sq) in zip(names, stacked.cpu().tolist()):
+        if num == 0:
+            continue
+        mean = s / num
+        result[name] = dict(num=num, mean=mean, std=max(sq / num - mean ** 2, 0) ** 0.5)
+    return result

@@ -1,0 +1,256 @@
+"""Train EDM teachers and distill them into fast generators: `python train.py --method=edm|dmd|... [options]`.
+
+One process (CPU or one GPU) or `torchrun --nproc_per_node=N train.py ...` (NCCL on CUDA, gloo on CPU).
+Options are turned into one config dict `c` (the keywords of training_loop), printed by --dry-run and saved
+as training_options.json in the run directory.
+"""
+
+import json
+import os
+import re
+import warnings
+
+import click
+import torch
+
+import dnnlib
+from torch_utils import distributed
+from training import training_loop
+
+warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
+
+# ----------------------------------------------------------------------------
+# Helpers for the option parser.
+
+def parse_int_list(s):
+    """'1,2,3' or '1-3' -> [1, 2, 3]; None stays None."""
+    if s is None or isinstance(s, list):
+        return s
+    out = []
+    for part in s.split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if m is None:
+            raise click.BadParameter(f'"{s}" is not a list of integers like 1,2,3 or 1-3')
+        out += list(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    return out
+
+
+def next_run_dir(outdir, desc):
+    """outdir/{id:05d}-{desc} with id one past the largest existing one."""
+    ids = [int(m.group(1)) for n in (os.listdir(outdir) if os.path.isdir(outdir) else [])
+           if (m := re.match(r'^(\d+)-', n)) is not None and os.path.isdir(os.path.join(outdir, n))]
+    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+
+
+def open_dataset(data, cond, xflip, cache, max_size=None):
+    """Build the dataset keywords and check the data now, before any directory exists."""
+    from training.dataset import ImageFolderDataset
+    kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=cond,
+                             xflip=xflip, cache=cache, max_size=max_size)
+    try:
+        ds = ImageFolderDataset(**{k: v for k, v in kwargs.items() if k != 'class_name'})
+    except (IOError, OSError, ValueError) as e:
+        raise click.ClickException(f'--data: {e}')
+    if cond and not ds.has_labels:
+        raise click.ClickException(f'--cond=1 needs labels, but "{data}" has no dataset.json labels; use --cond=0')
+    kwargs.resolution = ds.resolution
+    kwargs.max_size = len(ds)  # be explicit, in case the dataset changes later
+    return kwargs, ds
+
+# ----------------------------------------------------------------------------
+# Per-method setup: fill c.method_kwargs (and friends) from the options; return the run-dir description.
+
+def setup_edm(opts, c, ds):
+    if opts.arch not in ('ddpmpp', 'ncsnpp', 'adm'):
+        raise click.BadParameter(f'--arch must be ddpmpp, ncsnpp or adm, not "{opts.arch}"')
+    net = dnnlib.EasyDict(model_channels=opts.cbase, channel_mult=parse_int_list(opts.cres), dropout=opts.dropout,
+                          use_fp16=opts.fp16)
+    if opts.arch == 'ddpmpp':
+        net.update(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                   channel_mult_noise=1, resample_filter=[1, 1], model_channels=opts.cbase or 128,
+                   channel_mult=net.channel_mult or [2, 2, 2])
+    elif opts.arch == 'ncsnpp':
+        net.update(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
+                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=opts.cbase or 128,
+                   channel_mult=net.channel_mult or [2, 2, 2])
+    else:
+        net.update(model_type='DhariwalUNet', model_channels=opts.cbase or 192, channel_mult=net.channel_mult or [1, 2, 3, 4])
+    precond = dict(vp=('VPPrecond', 'VPLoss'), ve=('VEPrecond', 'VELoss'), edm=('EDMPrecond', 'EDMLoss'))[opts.precond]
+    net.class_name = f'training.networks.{precond[0]}'
+    augment_kwargs = None
+    if opts.augment:
+        augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment, xflip=1e8, yflip=1,
+                                         scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+        net.augment_dim = 9
+    c.method_kwargs = dnnlib.EasyDict(
+        class_name='training.teacher.EDM',
+        network_kwargs=net,
+        loss_kwargs=dnnlib.EasyDict(class_name=f'training.loss.{precond[1]}'),
+        optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr or 10e-4, betas=[0.9, 0.999], eps=1e-8),
+        augment_kwargs=augment_kwargs,
+        ema_halflife_kimg=(opts.ema if opts.ema is not None else 0.5) * 1000,
+        lr_rampup_kimg=opts.lr_rampup,
+        loss_scaling=opts.ls,
+    )
+    if opts.transfer is not None:
+        c.transfer = opts.transfer
+    return f'{ds.name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{opts.precond}'
+
+
+METHODS = dict(edm=setup_edm)
+
+# ----------------------------------------------------------------------------
+
+@click.command(context_settings=dict(show_default=True, max_content_width=120))
+# Main options.
+@click.option('--outdir',        help='Where to save the results', metavar='DIR', type=str, default='training-runs')
+@click.option('--method',        help='What to train', type=click.Choice(sorted(METHODS)), default='edm')
+@click.option('--data',          help='Path to the dataset (zip or folder)', metavar='ZIP|DIR', type=str)
+@click.option('--cond',          help='Train class-conditional model', metavar='BOOL', type=bool, default=False)
+@click.option('--teacher',       help='Teacher network pickle (distillation methods)', metavar='PKL|URL', type=str)
+@click.option('--trust-pickle',  help='Allow code embedded in pickles to run (trusted files only)', is_flag=True)
+# EDM (teacher) architecture.
+@click.option('--arch',          help='Network architecture', type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp')
+@click.option('--precond',       help='Preconditioning & loss function', type=click.Choice(['vp', 've', 'edm']), default='edm')
+@click.option('--cbase',         help='Channel multiplier  [default: varies]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cres',          help='Channels per resolution  [default: varies]', metavar='LIST', type=str)
+@click.option('--dropout',       help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.13)
+@click.option('--augment',       help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.12)
+@click.option('--xflip',         help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False)
+@click.option('--transfer',      help='Initialise the network from a pickle', metavar='PKL|URL', type=str)
+# Hyperparameters.
+@click.option('--duration',      help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200)
+@click.option('--batch',         help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512)
+@click.option('--batch-gpu',     help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
+@click.option('--lr',            help='Learning rate  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--lr-rampup',     help='Learning-rate warm-up', metavar='KIMG', type=click.FloatRange(min=0), default=10000)
+@click.option('--ema',           help='EMA half-life  [default: varies]', metavar='MIMG', type=click.FloatRange(min=0))
+@click.option('--fp16',          help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False)
+@click.option('--ls',            help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1)
+# Performance and I/O.
+@click.option('--bench',         help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True)
+@click.option('--cache',         help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True)
+@click.option('--workers',       help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=1)
+@click.option('--device',        help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
+@click.option('--desc',          help='String to include in result dir name', metavar='STR', type=str)
+@click.option('--nosubdir',      help='Do not create a subdirectory for results', is_flag=True)
+@click.option('--tick',          help='How often to print progress', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=50)
+@click.option('--snap',          help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50)
+@click.option('--dump',          help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500)
+@click.option('--seed',          help='Random seed  [default: random]', metavar='INT', type=click.IntRange(min=0))
+@click.option('--resume',        help='Resume from a training state or a run directory (continues in that directory)', metavar='PT|DIR', type=str)
+@click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
+def main(**kwargs):
+    """Train a diffusion model or distill one into a fast generator.
+
+    \b
+    # Train a DDPM++ teacher on CIFAR-10 with 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
+        --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
+    """
+    opts = dnnlib.EasyDict(kwargs)
+    device = distributed.init(opts.device)
+    world_size = distributed.get_world_size()
+
+    # Checks that need no files.
+    if opts.batch % world_size != 0:
+        raise click.ClickException(f'--batch={opts.batch} is not divisible by the {world_size} processes')
+    per_rank = opts.batch // world_size
+    batch_gpu = opts.batch_gpu or per_rank
+    if per_rank % batch_gpu != 0:
+        raise click.ClickException(f'--batch-gpu={batch_gpu} must divide the per-process batch {per_rank} '
+                                   f'(--batch={opts.batch} over {world_size} processes)')
+
+    c = dnnlib.EasyDict()
+    ds = None
+    if opts.data is not None:
+        c.dataset_kwargs, ds = open_dataset(opts.data, opts.cond, opts.xflip, opts.cache)
+        c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=device.type == 'cuda', num_workers=opts.workers,
+                                               prefetch_factor=2 if opts.workers > 0 else None)
+    elif opts.method == 'edm':
+        raise click.ClickException('--method=edm needs --data=ZIP|DIR (make one with dataset_tool.py)')
+    desc = METHODS[opts.method](opts, c, ds)
+    if opts.transfer is not None:
+        _check_transfer(opts.transfer, ds, opts.trust_pickle)
+    if opts.teacher is not None:
+        c.teacher = opts.teacher
+    c.trust_pickle = opts.trust_pickle
+    c.batch_size = opts.batch
+    c.batch_gpu = batch_gpu
+    c.total_kimg = max(opts.duration * 1000, 1e-3)
+    c.kimg_per_tick = opts.tick
+    c.snapshot_ticks = opts.snap
+    c.state_dump_ticks = opts.dump
+    c.cudnn_benchmark = opts.bench
+
+    # Random seed: drawn on rank 0 and shared, then recorded, so the run can be repeated from its options.
+    if opts.seed is None:
+        seed = torch.randint(1 << 31, size=[], device=device)
+        distributed.broadcast_(seed)
+        opts.seed = int(seed)
+    c.seed = opts.seed
+
+    # Run directory.
+    dtype = 'fp16' if opts.fp16 else 'fp32'
+    desc = f'{opts.method}-{desc}-gpus{world_size}-batch{opts.batch}-{dtype}' if opts.method != 'edm' else \
+           f'{desc}-gpus{world_size}-batch{opts.batch}-{dtype}'
+    if opts.desc is not None:
+        desc += f'-{opts.desc}'
+    if opts.resume is not None:
+        if not os.path.exists(opts.resume):
+            raise click.ClickException(f'--resume: "{opts.resume}" does not exist')
+        c.resume_state = opts.resume
+        c.run_dir = opts.resume if os.path.isdir(opts.resume) else os.path.dirname(os.path.abspath(opts.resume))
+    elif opts.nosubdir:
+        c.run_dir = opts.outdir
+    else:
+        c.run_dir = next_run_dir(opts.outdir, desc)
+
+    if opts.dry_run:
+        _print_options(c, world_size)
+        distributed.print0('Dry run; exiting.')
+        return
+
+    if distributed.get_rank() == 0:
+        os.makedirs(c.run_dir, exist_ok=True)
+        if opts.resume is None:
+            dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'),
+                                     lambda f: json.dump(c, f, indent=2), mode='w')
+        logger = dnnlib.util.Logger(os.path.join(c.run_dir, 'log.txt'), file_mode='a')
+    _print_options(c, world_size)
+    try:
+        training_loop.training_loop(**c, device=device)
+    finally:
+        if distributed.get_rank() == 0:
+            logger.close()
+        distributed.shutdown()
+
+
+def _print_options(c, world_size):
+    distributed.print0()
+    distributed.print0('Training options:')
+    distributed.print0(json.dumps(c, indent=2))
+    distributed.print0()
+    distributed.print0(f'Output directory:        {c.run_dir}')
+    distributed.print0(f'Number of processes:     {world_size}')
+    distributed.print0(f'Batch size:              {c.batch_size}')
+    distributed.print0()
+
+
+def _check_transfer(path, ds, trust):
+    """--transfer must match the dataset's resolution, channels and labels; checked before any directory exists."""
+    from torch_utils import persistence
+    try:
+        net = persistence.load_network_pkl(path, allow_code=trust)
+    except Exception as e:  # any reading problem becomes one line naming the file
+        raise click.ClickException(f'--transfer: cannot read "{path}": {e}')
+    got = (net.img_resolution, net.img_channels, net.label_dim)
+    want = (ds.resolution, ds.num_channels, ds.label_dim)
+    if got != want:
+        raise click.ClickException(f'--transfer: network is {got[0]}x{got[0]}x{got[1]} with {got[2]} labels, but the data is '
+                                   f'{want[0]}x{want[0]}x{want[1]} with {want[2]} labels; pick a matching network or dataset')
+
+# ----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()

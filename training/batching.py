@@ -1,0 +1,145 @@
+"""Where each sample of a global batch comes from: its data index and its random numbers.
+
+Both are keyed by the sample's global position (step, index within the global batch), never by rank or
+accumulation round, so a step gives the same result for any world size and any --batch-gpu (up to float
+summation order). A run is then a pure function of (--seed, global batch, data), which is what exact resume
+and the 1-vs-2-process test rely on.
+"""
+
+import hashlib
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------
+
+def stable_seed(*parts):
+    """A 63-bit seed from any tuple of ints/strings, identical on every platform and Python run."""
+    text = '/'.join(str(p) for p in parts).encode('utf-8')
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], 'little') & ((1 << 63) - 1)
+
+# ----------------------------------------------------------------------------
+
+class IndexStream:
+    """Dataset indices for global sample positions: one permutation per epoch, seeded by (seed, epoch)."""
+
+    def __init__(self, num_items, seed=0, shuffle=True):
+        if num_items <= 0:
+            raise ValueError('The dataset is empty')
+        self.num_items = num_items
+        self.seed = seed
+        self.shuffle = shuffle
+        self._epoch = None
+        self._perm = None
+
+    def _permutation(self, epoch):
+        if self._epoch != epoch:
+            self._perm = np.arange(self.num_items)
+            if self.shuffle:
+                np.random.Generator(np.random.PCG64(stable_seed('data', self.seed, epoch))).shuffle(self._perm)
+            self._epoch = epoch
+        return self._perm
+
+    def __getitem__(self, position):
+        epoch, i = divmod(int(position), self.num_items)
+        return int(self._permutation(epoch)[i])
+
+
+class RankSampler(torch.utils.data.Sampler):
+    """Infinite index sampler for one rank: at step k, rank r reads global positions
+    k*batch + r*(batch/world) ... + batch/world - 1, in order, starting at `start_step` (exact resume)."""
+
+    def __init__(self, stream, batch_size, rank=0, world_size=1, start_step=0):
+        assert batch_size % world_size == 0
+        self.stream = stream
+        self.batch_size = batch_size
+        self.per_rank = batch_size // world_size
+        self.rank = rank
+        self.start_step = start_step
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            base = step * self.batch_size + self.rank * self.per_rank
+            for j in range(self.per_rank):
+                yield self.stream[base + j]
+            step += 1
+
+# ----------------------------------------------------------------------------
+
+class StepRandom:
+    """Random numbers for one training step, drawn for the whole global batch from a stream named by the caller.
+
+    `randn('noise', C, H, W)` draws [batch, C, H, W] once per (step, name) on every rank; each rank and round
+    then reads its own rows. Drawing the global batch costs world_size x the noise of one rank, which is
+    negligible next to a network evaluation and buys world-size-invariant training.
+    """
+
+    def __init__(self, seed, step, batch_size, device):
+        self.seed = seed
+        self.step = step
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self._cache = {}
+
+    def _draw(self, kind, name, shape, high=None):
+        key = (kind, name, tuple(shape), high)
+        if key not in self._cache:
+            g = torch.Generator(device=self.device).manual_seed(stable_seed(self.seed, self.step, kind, name))
+            size = (self.batch_size, *shape)
+            if kind == 'randn':
+                x = torch.randn(size, generator=g, device=self.device)
+            elif kind == 'rand':
+                x = torch.rand(size, generator=g, device=self.device)
+            else:
+                x = torch.randint(high, size, generator=g, device=self.device)
+            self._cache[key] = x
+        return self._cache[key]
+
+
+class Round:
+    """One accumulation round of one rank: its images, labels, and its rows of the step's random streams."""
+
+    def __init__(self, images, labels, rand, start, size):
+        self.images = images    # [size, C, H, W] float32 in [-1, 1], or None for data-free methods
+        self.labels = labels    # [size, label_dim] float32 one-hot, or None
+        self.rand_ = rand
+        self.start = start      # global position of the first sample within the step's batch
+        self.size = size
+
+    def randn(self, name, *shape):
+        return self.rand_._draw('randn', name, shape)[self.start:self.start + self.size]
+
+    def rand(self, name, *shape):
+        return self.rand_._draw('rand', name, shape)[self.start:self.start + self.size]
+
+    def randint(self, name, high, *shape):
+        return self.rand_._draw('randint', name, shape, high)[self.start:self.start + self.size]
+
+    def random_labels(self, name, label_dim):
+        """One-hot labels drawn uniformly, for methods that have no data (None when unconditional)."""
+        if label_dim == 0:
+            return None
+        return torch.eye(label_dim, device=self.rand_.device)[self.randint(name, label_dim)]
+
+
+class TorchRandom:
+    """The same interface on torch's global RNG, for code used outside the training loop."""
+
+    def __init__(self, size, device):
+        self.size = size
+        self.device = device
+
+    def randn(self, name, *shape):
+        return torch.randn((self.size, *shape), device=self.device)
+
+    def rand(self, name, *shape):
+        return torch.rand((self.size, *shape), device=self.device)
+
+    def randint(self, name, high, *shape):
+        return torch.randint(high, (self.size, *shape), device=self.device)
+
+    def random_labels(self, name, label_dim):
+        if label_dim == 0:
+            return None
+        return torch.eye(label_dim, device=self.device)[self.randint(name, label_dim)]

@@ -1,0 +1,73 @@
+"""Teacher training (`--method=edm`): EDM's denoising objective, as one method of the shared training loop."""
+
+import copy
+
+import torch
+
+import dnnlib
+from torch_utils import distributed, training_stats
+from training import optim
+from training.ema import EMA
+
+# ----------------------------------------------------------------------------
+
+class EDM:
+    def __init__(self,
+        device,                         # torch.device of this rank
+        dataset,                        # training data (gives resolution, channels, label_dim)
+        batch_size,                     # global batch
+        network_kwargs,                 # class_name + constructor keywords of the preconditioned network
+        loss_kwargs,                    # class_name + keywords of VPLoss / VELoss / EDMLoss
+        optimizer_kwargs,               # class_name + keywords of the optimizer (lr is the base lr)
+        augment_kwargs      = None,     # AugmentPipe keywords, or None
+        ema_halflife_kimg   = 500,      # EMA half-life in thousands of images
+        ema_rampup_ratio    = 0.05,     # EMA half-life ramp-up, None = off
+        lr_rampup_kimg      = 10000,    # learning-rate warm-up
+        loss_scaling        = 1,        # loss scaling for fp16 training
+        transfer            = None,     # network whose weights initialise ours (fine-tuning)
+        teacher             = None,     # unused: teacher training starts from scratch
+        sample_steps        = 18,       # Heun steps of preview samples
+    ):
+        self.device = device
+        self.batch_size = batch_size
+        self.per_rank_batch = batch_size // distributed.get_world_size()
+        self.label_dim = dataset.label_dim
+        interface = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+        self.net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface).train().requires_grad_(True).to(device)
+        if transfer is not None:
+            self.net.load_state_dict(transfer.state_dict())
+        self.loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+        self.augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
+        opt_kwargs = dict(optimizer_kwargs)
+        self.lr = opt_kwargs.pop('lr')
+        self.optimizer = optim.make_optimizer(self.net.parameters(), lr=self.lr, **opt_kwargs)
+        self.ema = EMA(self.net, ema_halflife_kimg, ema_rampup_ratio)
+        self.lr_rampup_kimg = lr_rampup_kimg
+        self.loss_scaling = loss_scaling
+        self.sample_steps = sample_steps
+
+    def step(self, rounds, cur_nimg):
+        loss_fn = lambda r: training_stats.report('Loss/loss', self.loss_fn(self.net, r.images, r.labels, self.augment_pipe, rnd=r))
+        optim.backward_rounds(rounds, loss_fn, self.per_rank_batch, self.loss_scaling)
+        optim.step(self.optimizer, self.net.parameters(), optim.rampup_lr(self.lr, cur_nimg, self.lr_rampup_kimg), self.loss_scaling)
+        self.ema.update(cur_nimg + self.batch_size, self.batch_size)
+
+    def networks(self):
+        return dict(net=self.net, ema=self.ema.ema)
+
+    def snapshot(self):
+        return dict(ema=copy.deepcopy(self.ema.ema).cpu(), loss_fn=self.loss_fn, augment_pipe=self.augment_pipe)
+
+    @torch.no_grad()
+    def sample(self, z, labels):
+        from training.samplers import edm_sampler
+        return edm_sampler(self.ema.ema, z, labels, num_steps=self.sample_steps).to(torch.float32)
+
+    def state_dict(self):
+        return dict(net=self.net.state_dict(), ema=self.ema.ema.state_dict(), optimizer=self.optimizer.state_dict())
+
+    def load_state_dict(self, state):
+        self.net.load_state_dict(state['net'])
+        self.ema.ema.load_state_dict(state['ema'])
+        self.optimizer.load_state_dict(state['optimizer'])
+

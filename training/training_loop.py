@@ -1,0 +1,331 @@
+"""The generic training loop: data, ticks, statistics, snapshots, training states, exact resume, graceful stop.
+
+Everything method-specific (networks, losses, optimizers, EMA) lives in the method object, constructed from
+`method_kwargs` by dotted class name; see DESIGN.md for the contract (step / networks / snapshot / sample /
+state_dict / load_state_dict).
+"""
+
+import json
+import os
+import pickle
+import random
+import re
+import signal
+import time
+
+import numpy as np
+import psutil
+import torch
+
+import dnnlib
+from torch_utils import distributed, misc, persistence, training_stats
+from training.batching import IndexStream, RankSampler, Round, StepRandom
+
+# ----------------------------------------------------------------------------
+# Graceful stop: SIGTERM/SIGINT set a flag; the loop writes a training state at the next step boundary.
+
+_stop_signal = None
+
+
+def _request_stop(signum, _frame):
+    global _stop_signal
+    _stop_signal = signal.Signals(signum).name
+
+
+def _stop_agreed(step, world_size, device):
+    """True when any rank was asked to stop. Across ranks this needs a collective, so it runs every 8 steps."""
+    if world_size == 1:
+        return _stop_signal is not None
+    if step % 8 != 0:
+        return False
+    flag = torch.tensor([1.0 if _stop_signal is not None else 0.0], device=device)
+    distributed.all_reduce_sum(flag)
+    return bool(flag.item() > 0)
+
+# ----------------------------------------------------------------------------
+# RNG states of every library, so that a resumed run continues the same random streams.
+
+def _rng_state(device):
+    np_state = np.random.get_state()
+    state = dict(
+        torch=torch.get_rng_state(),
+        numpy_keys=torch.from_numpy(np_state[1].astype(np.int64)),
+        numpy_pos=np_state[2], numpy_has_gauss=np_state[3], numpy_gauss=np_state[4],
+        python=list(random.getstate()[1]),
+    )
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state, device):
+    torch.set_rng_state(state['torch'])
+    np.random.set_state(('MT19937', state['numpy_keys'].numpy().astype(np.uint32), state['numpy_pos'],
+                         state['numpy_has_gauss'], state['numpy_gauss']))
+    random.setstate((3, tuple(state['python']), None))
+    if device.type == 'cuda' and 'cuda' in state:
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+# ----------------------------------------------------------------------------
+# Files in the run directory.
+
+def state_path(run_dir, cur_nimg):
+    return os.path.join(run_dir, f'training-state-{cur_nimg // 1000:06d}.pt')
+
+
+def find_latest_state(path):
+    """A state file as given, or the newest complete training-state-*.pt in a run directory."""
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f'--resume: "{path}" is neither a training state nor a run directory')
+    names = [n for n in os.listdir(path) if re.fullmatch(r'training-state-\d+\.pt', n)]
+    if not names:
+        raise FileNotFoundError(f'--resume: no training-state-*.pt in "{path}"')
+    return os.path.join(path, max(names, key=lambda n: (int(n[15:-3]), os.path.getmtime(os.path.join(path, n)))))
+
+
+def _write_pickle(obj, path):
+    dnnlib.util.atomic_write(path, lambda f: pickle.dump(obj, f))
+
+
+def _write_state(state, path):
+    dnnlib.util.atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _truncate_stats(path, max_nimg):
+    """On resume, drop stats lines logged after the state was written, so stats.jsonl stays one consistent run."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [l for l in f if l.strip()]
+    keep = [l for l in lines if json.loads(l).get('Progress/kimg', {}).get('mean', 0) * 1000 <= max_nimg + 1e-6]
+    dnnlib.util.atomic_write(path, lambda f: f.write(''.join(keep)), mode='w')
+
+# ----------------------------------------------------------------------------
+
+def training_loop(
+    run_dir             = '.',      # output directory (only rank 0 writes)
+    method_kwargs       = {},       # class_name + keywords of the method (training.teacher.EDM, training.distill.dmd.DMD, ...)
+    dataset_kwargs      = None,     # training.dataset.ImageFolderDataset keywords, or None for data-free methods
+    data_loader_kwargs  = {},       # torch.utils.data.DataLoader keywords
+    teacher             = None,     # teacher network pickle (path or URL), for distillation
+    transfer            = None,     # network pickle whose weights initialise the trained network
+    trust_pickle        = False,    # allow code embedded in pickles to run (trusted files only)
+    seed                = 0,        # global seed: weights, data order, noise
+    batch_size          = 512,      # global batch
+    batch_gpu           = None,     # per-rank batch per accumulation round, None = no accumulation
+    total_kimg          = 200000,   # training duration in thousands of images
+    kimg_per_tick       = 50,       # progress print interval
+    snapshot_ticks      = 50,       # network snapshot interval, None = off
+    state_dump_ticks    = 500,      # training state interval, None = off
+    resume_state        = None,     # training state (.pt) or run directory to resume from
+    preview_grid        = 64,       # images in the preview grid written with each snapshot, 0 = off
+    metrics             = [],       # in-training metrics computed at each snapshot
+    metric_kwargs       = {},       # keywords of the metric functions (ref, detector, ...)
+    cudnn_benchmark     = True,
+    device              = torch.device('cpu'),
+):
+    start_time = time.time()
+    world_size = distributed.get_world_size()
+    rank = distributed.get_rank()
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 training means fp32: bf16/fp16 are explicit options
+    torch.backends.cudnn.allow_tf32 = False
+    per_rank = batch_size // world_size
+    batch_gpu = batch_gpu or per_rank
+    num_rounds = per_rank // batch_gpu
+    assert batch_size == batch_gpu * num_rounds * world_size
+
+    # Data.
+    dataset = None
+    if dataset_kwargs is not None:
+        distributed.print0('Loading dataset...')
+        dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
+        stream = IndexStream(len(dataset), seed=seed)
+
+    # Networks: built under the global seed on every rank, so initial weights do not depend on world size.
+    distributed.print0('Constructing method...')
+    torch.manual_seed(seed)
+    load = lambda path: persistence.load_network_pkl(path, allow_code=trust_pickle).to(device)
+    extra = {}
+    if teacher is not None:
+        extra['teacher'] = load(teacher).eval().requires_grad_(False)
+    if transfer is not None:
+        extra['transfer'] = load(transfer)
+    if dataset is not None:
+        extra['dataset'] = dataset
+    method = dnnlib.util.construct_class_by_name(**method_kwargs, device=device, batch_size=batch_size, **extra)
+    for net in method.networks().values():
+        misc.broadcast_module(net)
+
+    # Counters, possibly from a training state.
+    cur_nimg = 0
+    cur_tick = 0
+    tick_start_nimg = 0
+    step = 0
+    if resume_state is not None:
+        path = find_latest_state(resume_state)
+        distributed.print0(f'Resuming from "{path}"...')
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        method.load_state_dict(state['method'])
+        cur_nimg, cur_tick, tick_start_nimg, step = state['cur_nimg'], state['cur_tick'], state['tick_start_nimg'], state['step']
+        if state['world_size'] == world_size:
+            _set_rng_state(state['rng'][rank], device)
+        else:
+            distributed.print0(f'Warning: state written with {state["world_size"]} processes, resuming with '
+                               f'{world_size}: RNG streams restart, so the run is not bitwise reproducible')
+            torch.manual_seed(seed * world_size + rank + step)
+        if rank == 0:
+            _truncate_stats(os.path.join(run_dir, 'stats.jsonl'), cur_nimg)
+        del state
+    else:
+        torch.manual_seed(seed * world_size + rank)  # per-rank stream for whatever is not keyed by sample (dropout)
+        np.random.seed((seed * world_size + rank) % (1 << 31))
+        random.seed(seed * world_size + rank)
+
+    data_iter = None
+    if dataset is not None:
+        sampler = RankSampler(stream, batch_size, rank, world_size, start_step=step)
+        loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, **data_loader_kwargs)
+        data_iter = iter(loader)
+
+    # Preview grid: fixed latents and labels, so grids from different snapshots are comparable.
+    grid = None
+    if preview_grid and rank == 0 and hasattr(method, 'sample'):
+        g = torch.Generator().manual_seed(seed)
+        ref = next(iter(method.networks().values()))
+        label_dim = getattr(ref, 'label_dim', 0)
+        z = torch.randn([preview_grid, ref.img_channels, ref.img_resolution, ref.img_resolution], generator=g)
+        c = torch.eye(label_dim)[torch.arange(preview_grid) % label_dim] if label_dim else None
+        grid = (z.to(device), c.to(device) if c is not None else None)
+
+    # Graceful stop on SIGTERM/SIGINT.
+    global _stop_signal
+    _stop_signal = None
+    old_handlers = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    distributed.print0(f'Training for {total_kimg} kimg...\n')
+    tick_start_time = time.time()
+    maintenance_time = tick_start_time - start_time
+    stats_jsonl = None
+    try:
+        while True:
+            done = cur_nimg >= total_kimg * 1000
+            stop = not done and _stop_agreed(step, world_size, device)
+            if done or stop:
+                break
+
+            # One step: rounds of this rank's share of the global batch.
+            rand = StepRandom(seed, step, batch_size, device)
+            rounds = []
+            for i in range(num_rounds):
+                images = labels = None
+                if data_iter is not None:
+                    images, labels = next(data_iter)
+                    images = images.to(device).to(torch.float32) / 127.5 - 1
+                    labels = labels.to(device)
+                rounds.append(Round(images, labels, rand, rank * per_rank + i * batch_gpu, batch_gpu))
+            method.step(rounds, cur_nimg)
+            cur_nimg += batch_size
+            step += 1
+
+            done = cur_nimg >= total_kimg * 1000
+            if not done and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+                continue
+
+            # Tick: progress, statistics, snapshot, state.
+            tick_end_time = time.time()
+            if not misc.all_finite(method.networks().values()):
+                raise FloatingPointError(f'Training diverged: non-finite weights at {cur_nimg / 1000:.1f} kimg; '
+                                         f'resume from the last training state in "{run_dir}" with a lower --lr')
+            fields = [f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1000:<9.1f}',
+                      f'time {dnnlib.util.format_time(tick_end_time - start_time):<12s}',
+                      f'sec/tick {tick_end_time - tick_start_time:<7.1f}',
+                      f'sec/kimg {(tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1000:<7.2f}',
+                      f'maintenance {maintenance_time:<6.1f}',
+                      f'cpumem {psutil.Process(os.getpid()).memory_info().rss / 2**30:<6.2f}']
+            training_stats.report0('Progress/tick', cur_tick)
+            training_stats.report0('Progress/kimg', cur_nimg / 1000)
+            training_stats.report0('Timing/total_sec', tick_end_time - start_time)
+            training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time)
+            training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1000)
+            training_stats.report0('Timing/maintenance_sec', maintenance_time)
+            training_stats.report0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2**30)
+            if device.type == 'cuda':
+                fields.append(f'gpumem {torch.cuda.max_memory_allocated(device) / 2**30:<6.2f}')
+                training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30)
+                torch.cuda.reset_peak_memory_stats()
+            distributed.print0(' '.join(fields))
+
+            is_snapshot = snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0)
+            if is_snapshot:
+                _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, rank)
+                _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device)
+            if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0):
+                _save_state(method, run_dir, cur_nimg, cur_tick + 1, cur_nimg, step, device)
+
+            stats = training_stats.collect(device)
+            if rank == 0:
+                if stats_jsonl is None:
+                    stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
+                stats_jsonl.write(json.dumps(dict(stats, timestamp=time.time())) + '\n')
+                stats_jsonl.flush()
+
+            cur_tick += 1
+            tick_start_nimg = cur_nimg
+            tick_start_time = time.time()
+            maintenance_time = tick_start_time - tick_end_time
+
+        if stop:
+            path = _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, device)
+            distributed.print0(f'\nReceived {_stop_signal or "a stop request on another rank"}: '
+                               f'training state written to "{path}"; resume with --resume={run_dir}')
+            return False
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if stats_jsonl is not None:
+            stats_jsonl.close()
+    distributed.print0('\nExiting...')
+    return True
+
+# ----------------------------------------------------------------------------
+
+def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, rank):
+    if rank != 0:
+        return
+    data = method.snapshot()
+    data['dataset_kwargs'] = dnnlib.EasyDict(dataset_kwargs) if dataset_kwargs is not None else None
+    _write_pickle(data, os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pkl'))
+    if grid is not None:
+        rows = method.preview(*grid) if hasattr(method, 'preview') else [method.sample(*grid)]
+        misc.save_image_grid(torch.cat([r.cpu() for r in rows]), os.path.join(run_dir, f'fakes-{cur_nimg // 1000:06d}.png'),
+                             grid_w=rows[0].shape[0] if len(rows) > 1 else None)
+
+
+def _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, device):
+    """All ranks contribute their RNG state; rank 0 writes. Returns the path."""
+    rng = [None] * distributed.get_world_size()
+    if distributed.is_distributed():
+        torch.distributed.all_gather_object(rng, _rng_state(device))
+    else:
+        rng[0] = _rng_state(device)
+    path = state_path(run_dir, cur_nimg)
+    if distributed.get_rank() == 0:
+        state = dict(method=method.state_dict(), cur_nimg=cur_nimg, cur_tick=cur_tick, tick_start_nimg=tick_start_nimg,
+                     step=step, world_size=distributed.get_world_size(), rng=rng)
+        _write_state(state, path)
+    distributed.barrier()
+    return path
+
+
+def _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device):
+    for metric in metrics:
+        from training import metrics as metric_lib
+        result = metric_lib.calc_in_training(metric, method, device=device, **metric_kwargs)
+        training_stats.report0(f'Metrics/{metric}', result)
+        distributed.print0(f'{metric} at {cur_nimg / 1000:.1f} kimg: {result:g}')
+        if distributed.get_rank() == 0:
+            with open(os.path.join(run_dir, f'metric-{metric}.jsonl'), 'at') as f:
+                f.write(json.dumps(dict(kimg=cur_nimg / 1000, value=result, timestamp=time.time())) + '\n')
