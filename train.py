@@ -97,7 +97,77 @@ def setup_edm(opts, c, ds):
     return f'{ds.name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{opts.precond}'
 
 
-METHODS = dict(edm=setup_edm)
+def setup_dmd(opts, c, ds):
+    if opts.teacher is None:
+        raise click.ClickException('--method=dmd needs --teacher=PKL|URL (an EDM network pickle)')
+    if opts.gan_g > 0 and ds is None:
+        raise click.ClickException('--gan-g > 0 trains a GAN head on real images: pass --data=ZIP|DIR')
+    reg_kwargs = dnnlib.EasyDict()
+    if opts.reg_loss == 'lpips':
+        reg_kwargs.update(resolution=224)  # DMD: LPIPS on images upsampled to 224
+        if opts.lpips_vgg is not None:
+            reg_kwargs.vgg = opts.lpips_vgg
+        if opts.lpips_lin is not None:
+            reg_kwargs.lin = opts.lpips_lin
+    c.method_kwargs = dnnlib.EasyDict(
+        class_name='training.distill.dmd.DMD',
+        sigma_init=opts.sigma_init,                             # generator input noise level
+        lr=opts.lr or 5e-5,                                     # generator learning rate
+        fake_lr=opts.fake_lr,                                   # fake-score learning rate (None = lr)
+        max_grad_norm=opts.grad_clip,                           # gradient clipping
+        fake_steps=opts.fake_steps,                             # DMD2 two-time-scale rule
+        pairs=opts.pairs,                                       # regression pairs (make_pairs.py)
+        reg_weight=opts.reg_weight,                             # regression loss weight
+        reg_loss=opts.reg_loss,                                 # regression distance
+        reg_kwargs=reg_kwargs,
+        gan_g_weight=opts.gan_g,                                # DMD2 GAN head, generator weight (0 = off)
+        gan_d_weight=opts.gan_d,                                # DMD2 GAN head, classifier weight
+        ema_halflife_kimg=(opts.ema if opts.ema is not None else 0.5) * 1000 or None,
+    )
+    name = os.path.splitext(os.path.basename(opts.teacher.rstrip('/')))[0]
+    return f'{name}{"-gan" if opts.gan_g > 0 else ""}{"-reg" if opts.pairs else ""}'
+
+
+def setup_kd(opts, c, ds):
+    from torch_utils import persistence
+    from training.distill import kd
+    if opts.teacher is None or ds is None:
+        raise click.ClickException('--method=kd needs --teacher=PKL|URL (the network to compress) and --data=ZIP|DIR (its data)')
+    if opts.transfer is not None:
+        raise click.ClickException('--method=kd builds its student from --teacher; drop --transfer')
+    try:  # bad variant/teacher combinations fail here, before any directory exists
+        teacher = persistence.load_network_pkl(opts.teacher, allow_code=opts.trust_pickle)
+        kd.student_config(teacher, opts.kd_variant, opts.num_blocks)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'--teacher: {e}')
+    if (teacher.img_resolution, teacher.img_channels, teacher.label_dim) != (ds.resolution, ds.num_channels, ds.label_dim):
+        raise click.ClickException(f'--teacher is {teacher.img_resolution}x{teacher.img_resolution}x{teacher.img_channels} with '
+                                   f'{teacher.label_dim} labels, --data {ds.resolution}x{ds.resolution}x{ds.num_channels} '
+                                   f'with {ds.label_dim} labels; pick matching ones (--cond)')
+    augment_kwargs = None
+    if opts.augment and getattr(teacher.model, 'map_augment', None) is not None:  # only teachers that take augment labels
+        augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment, xflip=1e8, yflip=1,
+                                         scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+    rampup_given = click.get_current_context().get_parameter_source('lr_rampup') != click.core.ParameterSource.DEFAULT
+    c.method_kwargs = dnnlib.EasyDict(
+        class_name='training.distill.kd.KD',
+        variant=opts.kd_variant,                                # student: base, small or tiny
+        num_blocks=opts.num_blocks,                             # residual blocks per level (None = variant's)
+        lambda_out=opts.kd_out,                                 # weight of L_outKD
+        lambda_feat=opts.kd_feat,                               # weight of L_featKD
+        feat_norm=opts.kd_feat_norm,                            # feature terms relative to the teacher's variance
+        loss_kwargs=dnnlib.EasyDict(class_name='training.loss.EDMLoss'),  # L_task
+        optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr or 1e-4, betas=[0.9, 0.999], eps=1e-8),
+        augment_kwargs=augment_kwargs,                          # EDM's augmentation, if the teacher was trained with it
+        ema_halflife_kimg=(opts.ema if opts.ema is not None else 0.5) * 1000,
+        lr_rampup_kimg=opts.lr_rampup if rampup_given else 0,  # fine-tuning copied weights: no warm-up by default
+        loss_scaling=opts.ls,
+    )
+    name = os.path.splitext(os.path.basename(opts.teacher.rstrip('/')))[0]
+    return f'{name}-{opts.kd_variant}{f"-k{opts.num_blocks}" if opts.num_blocks else ""}'
+
+
+METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd)
 
 # ----------------------------------------------------------------------------
 
@@ -118,6 +188,24 @@ METHODS = dict(edm=setup_edm)
 @click.option('--augment',       help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.12)
 @click.option('--xflip',         help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False)
 @click.option('--transfer',      help='Initialise the network from a pickle', metavar='PKL|URL', type=str)
+# DMD / DMD2.
+@click.option('--sigma-init',    help='DMD: generator input noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80)
+@click.option('--fake-steps',    help='DMD2: fake-score updates per generator update', metavar='INT', type=click.IntRange(min=1), default=1)
+@click.option('--fake-lr',       help='DMD: fake-score learning rate  [default: --lr]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--pairs',         help='DMD: regression pairs directory (make_pairs.py)', metavar='DIR', type=str)
+@click.option('--reg-weight',    help='DMD: regression loss weight', metavar='FLOAT', type=click.FloatRange(min=0), default=0.25)
+@click.option('--reg-loss',      help='DMD: regression distance', type=click.Choice(['lpips', 'l2', 'pseudo_huber']), default='lpips')
+@click.option('--lpips-vgg',     help='DMD: VGG16 weights for LPIPS  [default: official URL]', metavar='PTH|URL', type=str)
+@click.option('--lpips-lin',     help='DMD: LPIPS linear heads (vgg.pth)  [default: official URL]', metavar='PTH|URL', type=str)
+@click.option('--gan-g',         help='DMD2: GAN generator loss weight (0 = no GAN head; paper 3e-3)', metavar='FLOAT', type=click.FloatRange(min=0), default=0)
+@click.option('--gan-d',         help='DMD2: GAN classifier loss weight', metavar='FLOAT', type=click.FloatRange(min=0), default=1e-2)
+@click.option('--grad-clip',     help='Gradient clipping (distillation methods)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=10)
+# KD (compression by knowledge distillation, BK-SDM).
+@click.option('--kd-variant',    help='KD: student (base: fewer blocks; small: also no in0/in1; tiny: also no lowest level)', type=click.Choice(['base', 'small', 'tiny']), default='base')
+@click.option('--num-blocks',    help='KD: residual blocks per level  [default: half the teacher\'s, rounded up]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--kd-out',        help='KD: weight of the output distillation loss', metavar='FLOAT', type=click.FloatRange(min=0), default=1)
+@click.option('--kd-feat',       help='KD: weight of the feature distillation loss', metavar='FLOAT', type=click.FloatRange(min=0), default=1)
+@click.option('--kd-feat-norm',  help='KD: divide feature losses by the teacher feature variance', metavar='BOOL', type=bool, default=False)
 # Hyperparameters.
 @click.option('--duration',      help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200)
 @click.option('--batch',         help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512)
@@ -171,9 +259,13 @@ def main(**kwargs):
         raise click.ClickException('--method=edm needs --data=ZIP|DIR (make one with dataset_tool.py)')
     desc = METHODS[opts.method](opts, c, ds)
     if opts.transfer is not None:
-        _check_transfer(opts.transfer, ds, opts.trust_pickle)
+        _check_network('--transfer', opts.transfer, ds, opts.trust_pickle)
     if opts.teacher is not None:
         c.teacher = opts.teacher
+        if not opts.dry_run:
+            _check_network('--teacher', opts.teacher, None, opts.trust_pickle)
+        elif not dnnlib.util.is_url(opts.teacher) and not os.path.isfile(opts.teacher):
+            raise click.ClickException(f'--teacher: no such file "{opts.teacher}"')
     c.trust_pickle = opts.trust_pickle
     c.batch_size = opts.batch
     c.batch_gpu = batch_gpu
@@ -237,18 +329,20 @@ def _print_options(c, world_size):
     distributed.print0()
 
 
-def _check_transfer(path, ds, trust):
-    """--transfer must match the dataset's resolution, channels and labels; checked before any directory exists."""
+def _check_network(option, path, ds, trust):
+    """A network pickle must be readable (and match the data, when given) before any directory exists."""
     from torch_utils import persistence
     try:
         net = persistence.load_network_pkl(path, allow_code=trust)
-    except Exception as e:  # any reading problem becomes one line naming the file
-        raise click.ClickException(f'--transfer: cannot read "{path}": {e}')
-    got = (net.img_resolution, net.img_channels, net.label_dim)
-    want = (ds.resolution, ds.num_channels, ds.label_dim)
-    if got != want:
-        raise click.ClickException(f'--transfer: network is {got[0]}x{got[0]}x{got[1]} with {got[2]} labels, but the data is '
-                                   f'{want[0]}x{want[0]}x{want[1]} with {want[2]} labels; pick a matching network or dataset')
+    except (OSError, ValueError) as e:  # unreadable, unsafe or malformed: one line naming the file
+        raise click.ClickException(f'{option}: {e}')
+    if ds is not None:
+        got = (net.img_resolution, net.img_channels, net.label_dim)
+        want = (ds.resolution, ds.num_channels, ds.label_dim)
+        if got != want:
+            raise click.ClickException(f'{option}: network is {got[0]}x{got[0]}x{got[1]} with {got[2]} labels, but the data '
+                                       f'is {want[0]}x{want[0]}x{want[1]} with {want[2]} labels; pick a matching network or dataset')
+
 
 # ----------------------------------------------------------------------------
 

@@ -107,6 +107,12 @@ class Round:
         self.start = start      # global position of the first sample within the step's batch
         self.size = size
 
+    @property
+    def positions(self):
+        """Global positions of this round's samples since the start of training (for indexing fixed sets)."""
+        first = self.rand_.step * self.rand_.batch_size + self.start
+        return range(first, first + self.size)
+
     def randn(self, name, *shape):
         return self.rand_._draw('randn', name, shape)[self.start:self.start + self.size]
 
@@ -118,9 +124,7 @@ class Round:
 
     def random_labels(self, name, label_dim):
         """One-hot labels drawn uniformly, for methods that have no data (None when unconditional)."""
-        if label_dim == 0:
-            return None
-        return torch.eye(label_dim, device=self.rand_.device)[self.randint(name, label_dim)]
+        return _one_hot(self.randint(name, label_dim), label_dim) if label_dim else None
 
 
 class TorchRandom:
@@ -140,6 +144,8 @@ class TorchRandom:
         return torch.randint(high, (self.size, *shape), device=self.device)
 
     def random_labels(self, name, label_dim):
-        if label_dim == 0:
-            return None
-        return torch.eye(label_dim, device=self.device)[self.randint(name, label_dim)]
+        return _one_hot(self.randint(name, label_dim), label_dim) if label_dim else None
+
+
+def _one_hot(idx, label_dim):
+    return torch.nn.functional.one_hot(idx, label_dim).to(torch.float32)
