@@ -1,0 +1,94 @@
+"""Make DMD's regression pairs: the teacher's deterministic sampler output for a contiguous seed range, in shards.
+
+    python make_pairs.py --teacher=edm-cifar10-32x32-cond-vp.pkl --seeds=0-99999 --outdir=pairs/cifar10
+    torchrun --standalone --nproc_per_node=8 make_pairs.py --teacher=... --seeds=0-99999 --outdir=...
+
+Re-running the same command resumes: complete shards are kept, missing or corrupt ones are made again.
+Rank r of W makes every W-th of the shards still to make. See training/pairs.py for the format.
+"""
+
+import os
+
+import click
+import torch
+
+from generate import check_class, load_network, parse_int_list
+from torch_utils import distributed as dist
+from training import pairs
+
+# ----------------------------------------------------------------------------
+
+def _parse_seed_range(ctx, param, value):
+    """--seeds must be one contiguous range, so that shard k's seeds follow from k."""
+    try:
+        seeds = parse_int_list(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param)
+    if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise click.BadParameter(f'"{value}" is not one contiguous range; give it as FIRST-LAST, e.g. 0-99999',
+                                 ctx=ctx, param=param)
+    return seeds
+
+
+@click.command()
+@click.option('--teacher', 'teacher_pkl',  help='Teacher network pickle filename or URL', metavar='PKL|URL', type=str, required=True)
+@click.option('--outdir',                  help='Where to save the pair shards', metavar='DIR', type=str, required=True)
+@click.option('--seeds',                   help='Contiguous seed range (e.g. 0-99999)', metavar='RANGE', type=str, required=True, callback=_parse_seed_range)
+@click.option('--shard-size',              help='Seeds per shard (shard k holds seeds k*size...)', metavar='INT', type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option('--batch',                   help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--class', 'class_idx',      help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
+@click.option('--steps', 'num_steps',      help='Number of sampling steps  [default: 18 or the network\'s spec]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--sigma_min',               help='Lowest noise level  [default: 0.002 or spec]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_max',               help='Highest noise level  [default: 80 or spec]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--rho',                     help='Time step exponent  [default: 7 or spec]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--S_churn', 'S_churn',      help='Stochasticity strength; must be 0 (pairs are deterministic)', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--solver',                  help='Ablate ODE solver  [default: heun or spec]', type=click.Choice(['euler', 'heun']))
+@click.option('--device',                  help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
+@click.option('--trust-pickle',            help='Allow code embedded in the pickle to run (only for files you trust)', is_flag=True)
+def main(teacher_pkl, outdir, seeds, shard_size, batch, class_idx, device, trust_pickle, **sampler_kwargs):
+    """Write (z, y, label) pair shards of a teacher's deterministic sampler; resumable and torchrun-aware."""
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise click.ClickException('--device=cuda, but CUDA is not available; use --device=cpu')
+    device = dist.init(device)
+    # Rank 0 loads first, so that a URL is downloaded into the cache only once.
+    if dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        net = load_network(teacher_pkl, allow_code=trust_pickle)
+        teacher_sha256 = pairs.file_sha256(teacher_pkl)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'Cannot load teacher "{teacher_pkl}": {e}')
+    finally:
+        if dist.get_rank() == 0:
+            dist.barrier()
+    net = net.eval().requires_grad_(False).to(device)
+
+    # Every rank checks the settings and scans the directory before any rank writes to it.
+    try:
+        check_class(net, class_idx)
+        sampler = pairs.deterministic_settings(net, **sampler_kwargs)
+        config = pairs.run_config(net, teacher_pkl, teacher_sha256, sampler, class_idx, shard_size, device)
+        plan = pairs.shard_plan(seeds[0], seeds[-1], shard_size)
+        todo = pairs.shards_to_make(outdir, plan, config)
+    except ValueError as e:
+        raise click.ClickException(str(e))
+    dist.barrier()
+    os.makedirs(outdir, exist_ok=True)
+
+    mine = todo[dist.get_rank() :: dist.get_world_size()]
+    dist.print0(f'{len(plan) - len(todo)} of {len(plan)} shards complete in "{outdir}"; making {len(todo)} with '
+                f'{dist.get_world_size()} process(es)...')
+    for i, (k, shard_seeds) in enumerate(mine):
+        dist.print0(f'Shard {k} ({i + 1}/{len(mine)} of rank 0): seeds {shard_seeds[0]}..{shard_seeds[-1]}')
+        try:
+            pairs.make_shard(net, outdir, k, shard_seeds, config, batch=batch, device=device)
+        except ValueError as e:
+            raise click.ClickException(f'shard {k}: {e}')
+    dist.barrier()
+    dist.print0('Done.')
+    dist.shutdown()
+
+# ----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()
