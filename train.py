@@ -215,6 +215,10 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd)
 @click.option('--ema',           help='EMA half-life  [default: varies]', metavar='MIMG', type=click.FloatRange(min=0))
 @click.option('--fp16',          help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False)
 @click.option('--ls',            help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1)
+# In-training metrics.
+@click.option('--metrics',       help='Metrics at each snapshot, e.g. fid10k,fid50k', metavar='LIST', type=str)
+@click.option('--ref',           help='Reference statistics for --metrics (fid.py ref)', metavar='NPZ|URL', type=str)
+@click.option('--detector',      help='Feature detector for --metrics: inception, pixels or PKL', metavar='NAME|PKL', type=str, default='inception')
 # Performance and I/O.
 @click.option('--bench',         help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True)
 @click.option('--cache',         help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True)
@@ -274,6 +278,16 @@ def main(**kwargs):
     c.snapshot_ticks = opts.snap
     c.state_dump_ticks = opts.dump
     c.cudnn_benchmark = opts.bench
+    if opts.metrics:
+        c.metrics = [m.strip() for m in opts.metrics.split(',') if m.strip()]
+        bad = [m for m in c.metrics if re.fullmatch(r'fid\d+k', m) is None]
+        if bad:
+            raise click.BadParameter(f'unknown metric "{bad[0]}": use fidNk, e.g. fid10k or fid50k', param_hint='--metrics')
+        if opts.ref is None:
+            raise click.ClickException('--metrics needs --ref=NPZ|URL (reference statistics from fid.py ref)')
+        if not dnnlib.util.is_url(opts.ref) and not os.path.isfile(opts.ref):
+            raise click.ClickException(f'--ref: no such file "{opts.ref}"')
+        c.metric_kwargs = dnnlib.EasyDict(ref=opts.ref, detector=opts.detector)
 
     # Random seed: drawn on rank 0 and shared, then recorded, so the run can be repeated from its options.
     if opts.seed is None:

@@ -123,6 +123,9 @@ def atomic_write(path, write_fn, mode='wb'):
     path = os.fspath(path)
     dirname = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='-' + os.path.basename(path), dir=dirname)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the final file the usual permissions
     try:
         with os.fdopen(fd, mode) as f:
             write_fn(f)

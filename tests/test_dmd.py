@@ -1,5 +1,6 @@
 """DMD on closed-form problems, its pieces, and train.py --method=dmd."""
 
+import json
 import math
 import os
 import pickle
@@ -14,6 +15,7 @@ import train
 from torch_utils import persistence
 from training import training_loop as loop_module
 from training.batching import Round, StepRandom
+from training.dataset import ImageFolderDataset
 from training.distill.dmd import DMD
 
 # ----------------------------------------------------------------------------
@@ -188,3 +190,24 @@ def test_cli_dmd_gan_needs_data(teacher_pkl, tmp_path):
                                         f'--teacher={teacher_pkl}', '--gan-g=3e-3'])
     assert r.exit_code != 0 and '--data' in r.output
     assert not (tmp_path / 'runs').exists()
+
+
+def test_in_training_fid_equals_fid_of_generated_images(teacher_pkl, tmp_path):
+    """--metrics=fid1k with the pixel detector gives the FD that generate.py + fid.py calc give for seeds 0-999."""
+    from training import metrics
+    rng = np.random.default_rng(0)
+    mu_ref = rng.normal(size=[192]) * 0.1
+    a = rng.normal(size=[192, 192]) * 0.05
+    np.savez(tmp_path / 'ref.npz', mu=mu_ref, sigma=a @ a.T)
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "run"}', f'--teacher={teacher_pkl}', '--duration=0.000008',
+                                        '--nosubdir', *DMD_ARGS, '--metrics=fid1k', f'--ref={tmp_path / "ref.npz"}',
+                                        '--detector=pixels'], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(l) for l in open(tmp_path / 'run' / 'metric-fid1k.jsonl')]
+    assert len(lines) == 1
+    with open(tmp_path / 'run' / 'network-snapshot-000000.pkl', 'rb') as f:
+        G = persistence.load(f)['ema']
+    generate.generate_images(G, list(range(1000)), str(tmp_path / 'images'), batch=250, device='cpu')
+    mu, sigma = metrics.compute_feature_stats(ImageFolderDataset(str(tmp_path / 'images')), metrics.pixels_detector)
+    expected = metrics.frechet_distance(mu, sigma, mu_ref, a @ a.T)
+    assert lines[0]['value'] == pytest.approx(expected, rel=1e-4)

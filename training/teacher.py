@@ -61,7 +61,9 @@ class EDM:
     @torch.no_grad()
     def sample(self, z, labels):
         from training.samplers import edm_sampler
-        return edm_sampler(self.ema.ema, z, labels, num_steps=self.sample_steps).to(torch.float32)
+        g = torch.Generator(z.device).manual_seed(0)  # sampler noise that leaves the training RNG untouched
+        randn_like = lambda x: torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        return edm_sampler(self.ema.ema, z, labels, randn_like=randn_like, num_steps=self.sample_steps).to(torch.float32)
 
     def state_dict(self):
         return dict(net=self.net.state_dict(), ema=self.ema.ema.state_dict(), optimizer=self.optimizer.state_dict())

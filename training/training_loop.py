@@ -231,7 +231,8 @@ def training_loop(
             step += 1
 
             done = cur_nimg >= total_kimg * 1000
-            if not done and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+            wanted = hasattr(method, 'wants_snapshot') and method.wants_snapshot()  # e.g. the end of a PD round
+            if not done and not wanted and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
                 continue
 
             # Tick: progress, statistics, snapshot, state.
@@ -258,10 +259,11 @@ def training_loop(
                 torch.cuda.reset_peak_memory_stats()
             distributed.print0(' '.join(fields))
 
-            is_snapshot = snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0)
+            is_snapshot = snapshot_ticks is not None and (done or wanted or cur_tick % snapshot_ticks == 0)
             if is_snapshot:
                 _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, rank)
-                _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device)
+                with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+                    _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device)
             if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0):
                 _save_state(method, run_dir, cur_nimg, cur_tick + 1, cur_nimg, step, device)
 
@@ -321,11 +323,34 @@ def _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, devi
 
 
 def _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device):
+    """FID-style metrics of the current generator (e.g. 'fid10k': 10,000 images, seeds 0-9999, no files written)."""
+    if not metrics:
+        return
+    from training import metrics as metric_lib
+    from training.samplers import StackedRandomGenerator
+    ref_net = next(iter(method.networks().values()))
+    shape = [ref_net.img_channels, ref_net.img_resolution, ref_net.img_resolution]
+    label_dim = ref_net.label_dim
+
+    def sample_fn(seeds):  # per-seed latents, then labels, exactly as generate.py draws them
+        rnd = StackedRandomGenerator(device, seeds)
+        z = rnd.randn([len(seeds), *shape])
+        c = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(seeds)])] if label_dim else None
+        return (method.sample(z, c) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+    if 'detector' not in _metric_cache:
+        _metric_cache['detector'] = metric_lib.load_detector(metric_kwargs.get('detector', 'inception'), device=device,
+                                                              trust=metric_kwargs.get('trust_detector', False))
+        _metric_cache['ref'] = metric_lib.load_ref(metric_kwargs['ref'])
     for metric in metrics:
-        from training import metrics as metric_lib
-        result = metric_lib.calc_in_training(metric, method, device=device, **metric_kwargs)
+        num = int(re.fullmatch(r'fid(\d+)k', metric).group(1)) * 1000
+        result = metric_lib.fid_of_sampler(sample_fn, num, _metric_cache['ref'], _metric_cache['detector'],
+                                           batch=metric_kwargs.get('batch', 64), device=device)
         training_stats.report0(f'Metrics/{metric}', result)
         distributed.print0(f'{metric} at {cur_nimg / 1000:.1f} kimg: {result:g}')
         if distributed.get_rank() == 0:
             with open(os.path.join(run_dir, f'metric-{metric}.jsonl'), 'at') as f:
                 f.write(json.dumps(dict(kimg=cur_nimg / 1000, value=result, timestamp=time.time())) + '\n')
+
+
+_metric_cache = {}  # detector and reference statistics, loaded once per process
