@@ -167,7 +167,36 @@ def setup_kd(opts, c, ds):
     return f'{name}-{opts.kd_variant}{f"-k{opts.num_blocks}" if opts.num_blocks else ""}'
 
 
-METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd)
+def setup_disback(opts, c, ds):
+    from training.distill.disback import recorded_nodes
+    if opts.teacher is None:
+        raise click.ClickException('--method=disback needs --teacher=PKL|URL (an EDM network pickle)')
+    desc = setup_dmd(opts, c, ds)  # DisBack is DMD with a moving target: DMD's options and defaults apply
+    c.method_kwargs.class_name = 'training.distill.disback.DisBack'
+    given = lambda name: click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+    if opts.path is not None:
+        if given('stage1_kimg') or given('path_nodes'):
+            raise click.ClickException('--path=DIR uses a recorded path (no stage 1): drop --stage1-kimg and --path-nodes')
+        try:
+            nodes = recorded_nodes(opts.path)
+        except (OSError, ValueError) as e:
+            raise click.ClickException(str(e))
+        c.method_kwargs.path = opts.path                        # recorded path s'_0 ... s'_N: stage 2 only
+    else:
+        nodes = opts.path_nodes
+        path_steps = max(round(opts.stage1_kimg * 1000 / opts.batch), 1)
+        if path_steps < nodes:
+            raise click.ClickException(f'--stage1-kimg={opts.stage1_kimg} is {path_steps} steps of --batch={opts.batch}, '
+                                       f'fewer than the {nodes} path intervals (--path-nodes); lengthen stage 1')
+        c.method_kwargs.path_nodes = nodes                      # N: snapshots s'_0 = teacher, ..., s'_N
+        c.method_kwargs.path_steps = path_steps                 # K1: stage-1 updates of the auxiliary score
+    c.method_kwargs.switch_every = opts.switch_every            # K2: generator steps per path node (or window)
+    c.method_kwargs.switch_rule = opts.switch                   # 'every' K2 steps or 'converged'
+    c.method_kwargs.switch_tol = opts.switch_tol                # 'converged': least relative fall of L_DM per window
+    return f'{desc}-path{nodes}'
+
+
+METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, disback=setup_disback)
 
 # ----------------------------------------------------------------------------
 
@@ -206,6 +235,13 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd)
 @click.option('--kd-out',        help='KD: weight of the output distillation loss', metavar='FLOAT', type=click.FloatRange(min=0), default=1)
 @click.option('--kd-feat',       help='KD: weight of the feature distillation loss', metavar='FLOAT', type=click.FloatRange(min=0), default=1)
 @click.option('--kd-feat-norm',  help='KD: divide feature losses by the teacher feature variance', metavar='BOOL', type=bool, default=False)
+# DisBack (on top of the DMD options).
+@click.option('--path',          help='DisBack: recorded path (a stage-1 run directory): skip stage 1', metavar='DIR', type=str)
+@click.option('--stage1-kimg',   help='DisBack: stage 1 (path recording) duration, part of --duration', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=200)
+@click.option('--path-nodes',    help='DisBack: N, the path has N+1 snapshots', metavar='INT', type=click.IntRange(min=1), default=4)
+@click.option('--switch-every',  help='DisBack: generator steps per path node (window of --switch=converged)', metavar='INT', type=click.IntRange(min=1), default=1000)
+@click.option('--switch',        help='DisBack: move the target every K generator steps, or when L_DM stops falling', type=click.Choice(['every', 'converged']), default='every')
+@click.option('--switch-tol',    help='DisBack: --switch=converged moves on when a window\'s L_DM fell by less than this', metavar='FRAC', type=click.FloatRange(0, 1), default=0.05)
 # Hyperparameters.
 @click.option('--duration',      help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200)
 @click.option('--batch',         help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512)

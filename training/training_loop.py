@@ -5,6 +5,7 @@ Everything method-specific (networks, losses, optimizers, EMA) lives in the meth
 state_dict / load_state_dict).
 """
 
+import inspect
 import json
 import os
 import pickle
@@ -155,6 +156,8 @@ def training_loop(
         extra['transfer'] = load(transfer)
     if dataset is not None:
         extra['dataset'] = dataset
+    if 'run_dir' in inspect.signature(dnnlib.util.get_obj_by_name(method_kwargs['class_name'])).parameters:
+        extra['run_dir'] = run_dir  # for methods that write files of their own (DisBack's recorded path)
     method = dnnlib.util.construct_class_by_name(**method_kwargs, device=device, batch_size=batch_size, **extra)
     for net in method.networks().values():
         misc.broadcast_module(net)

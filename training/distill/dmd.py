@@ -188,7 +188,14 @@ class DMD:
             if self.head is not None:
                 self.head.requires_grad_(True)
             self.num_g_steps += 1
+        self.fake_step(rounds, x_per_round)
+        self.num_steps += 1
+        if self.ema is not None and update_G:
+            self.ema.update(cur_nimg + self.batch_size, self.batch_size)
+        training_stats.report('Progress/G_steps', self.num_g_steps)
 
+    def fake_step(self, rounds, x_per_round):
+        """One fake-score update on G's samples: this step's (x_per_round), else fresh ones (DisBack's stage 1)."""
         def fake_loss(i, r):
             c = r.random_labels('c', self.label_dim)
             x0 = x_per_round[i]
@@ -213,10 +220,6 @@ class DMD:
 
         optim.backward_rounds(list(enumerate(rounds)), lambda ir: fake_loss(*ir), self.per_rank_batch)
         optim.step(self.opt_fake, self.fake_params, self.fake_lr, max_grad_norm=self.max_grad_norm)
-        self.num_steps += 1
-        if self.ema is not None and update_G:
-            self.ema.update(cur_nimg + self.batch_size, self.batch_size)
-        training_stats.report('Progress/G_steps', self.num_g_steps)
 
     def distribution_matching_loss(self, x, r, c):
         """0.5 * |x - sg(x - grad)|^2 averaged per sample, so that d loss / d x = grad / numel (gradient injection)."""

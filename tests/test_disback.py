@@ -1,0 +1,240 @@
+"""DisBack: the recorded path and backtracking on a closed-form problem, target switching, resume, train.py."""
+
+import copy
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import train
+from test_dmd import TINY, GaussianDenoiser
+from torch_utils import misc, persistence
+from training import training_loop as loop_module
+from training.batching import Round, StepRandom
+from training.distill.disback import DisBack, node_path
+
+MU = torch.tensor([0.3, -0.2, 0.1, 0.5]).reshape(1, 2, 2)  # data N(MU, 0.3^2 I)
+T_DATA = 0.3
+
+
+def gaussian_disback(**kwargs):
+    return DisBack(GaussianDenoiser(MU, T_DATA), 'cpu', batch_size=64, sigma_init=0.5, lr=1e-2, fake_steps=3,
+                   ema_halflife_kimg=None, max_grad_norm=1e3, **kwargs)
+
+
+def one_step(method, step, seed=0, batch_size=64):
+    method.step([Round(None, None, StepRandom(seed, step, batch_size, 'cpu'), 0, batch_size)], step * batch_size)
+
+
+def w2(mean_a, std_a, mean_b, std_b):
+    """Wasserstein-2 distance between N(mean_a, std_a^2 I) and N(mean_b, std_b^2 I)."""
+    return float(((mean_a - mean_b).square().sum() + mean_a.numel() * (std_a - std_b) ** 2).sqrt().detach())
+
+
+def loaded(path):
+    """A Gaussian denoiser holding a path snapshot, loaded strictly."""
+    net = GaussianDenoiser(torch.zeros_like(MU), 1.0)
+    net.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    return net
+
+# ----------------------------------------------------------------------------
+# The closed-form problem: Gaussian data, exact teacher, Gaussian fake score, affine generator.
+
+def test_path_is_monotone_and_backtracking_converges_to_data(tmp_path):
+    """Stage 1 records s'_0 = teacher ... s'_N ~ p_G0 moving monotonically (W2 distance) away from the data and
+    towards G0's distribution; stage 2 switches the target exactly at generator steps K2, 2 K2, (N-1) K2 (each
+    switch changes its weights to the next snapshot, the last to the teacher itself) and converges to the data."""
+    N, K1, K2 = 4, 400, 50
+    db = gaussian_disback(run_dir=str(tmp_path), path_nodes=N, path_steps=K1, switch_every=K2, fake_lr=1e-2)
+    with torch.no_grad():  # G0 away from the data: mean shifted, spread collapsed
+        db.G.mean.add_(0.5)
+        db.G.log_std.add_(-1.0)
+    # G(z) = m + a (s z - m) with a = t^2 / (t^2 + s^2): G0 ~ N((1 - a) m, (a s)^2 I) exactly.
+    t2, s = (2 * db.G.log_std).exp().detach(), db.sigma_init
+    a = t2 / (t2 + s ** 2)
+    g0_mean, g0_std = (1 - a) * db.G.mean.detach(), a * s
+    g0 = misc.checksum(db.G)
+    for step in range(K1):
+        one_step(db, step)
+    assert db.stage == 2 and misc.checksum(db.G) == g0  # stage 1 leaves G0 alone
+    assert sorted(os.listdir(tmp_path)) == [f'path-{i:03d}.pt' for i in range(N + 1)]
+    path = [loaded(node_path(tmp_path, i)) for i in range(N + 1)]
+    assert misc.checksum(path[0]) == misc.checksum(db.real) and misc.checksum(path[N]) == misc.checksum(db.fake)
+    to_g0 = [w2(p.mean, p.log_std.exp(), g0_mean, g0_std) for p in path]
+    to_data = [w2(p.mean, p.log_std.exp(), MU, T_DATA) for p in path]
+    assert all(x > y for x, y in zip(to_g0, to_g0[1:])), to_g0
+    assert all(x < y for x, y in zip(to_data, to_data[1:])), to_data
+    assert to_g0[N] < 0.03 * to_g0[0], to_g0
+
+    # Stage 2: watch the target's weights after every step.
+    db.fake_lr = 2e-2
+    seen = [(0, misc.checksum(db.target()))]
+    for step in range(K1, K1 + 2400):
+        one_step(db, step, seed=1)
+        if misc.checksum(db.target()) != seen[-1][1]:
+            seen.append((db.num_g_steps, misc.checksum(db.target())))
+    assert db.switches == [K2, 2 * K2, 3 * K2] and db.node == 0
+    assert [g for g, _ in seen] == [0, K2, 2 * K2, 3 * K2]
+    assert [c for _, c in seen] == [misc.checksum(path[i]) for i in (3, 2, 1, 0)]
+    assert db.target() is db.real
+
+    db.lr, db.fake_lr = 2e-3, 4e-3  # a second, slower phase removes most of the stochastic jitter (as for DMD)
+    for step in range(K1 + 2400, K1 + 4000):
+        one_step(db, step, seed=2)
+    z = torch.randn([20000, 1, 2, 2], generator=torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        x = db.generate(db.G, z, None)
+    assert (x.mean(0) - MU).abs().max() < 0.03, x.mean(0)
+    assert abs(x.std(0).mean() - T_DATA) < 0.025, x.std(0).mean()  # approached from below, slowly (as in DMD)
+
+
+def write_path(path_dir, nodes):
+    """A recorded path of Gaussian denoisers: s'_0 = the teacher of gaussian_disback(), then shifted means."""
+    os.makedirs(path_dir, exist_ok=True)
+    for i in range(nodes + 1):
+        net = GaussianDenoiser(MU + 0.1 * i, T_DATA / (1 + i))
+        torch.save(net.state_dict(), node_path(path_dir, i))
+
+
+def test_recorded_path_and_convergence_rule(tmp_path):
+    """With --path: s_phi <- s'_N, target s'_{N-1}. The 'converged' rule switches after a K2-step window whose mean
+    L_DM fell by less than switch_tol relative to the window before, and never in a node's first window."""
+    write_path(tmp_path, 3)
+    db = gaussian_disback(path=str(tmp_path), switch_every=2, switch_rule='converged', switch_tol=0.05)
+    assert db.stage == 2 and db.num_nodes == 3 and db.node == 2
+    assert misc.checksum(db.fake) == misc.checksum(loaded(node_path(tmp_path, 3)))
+    assert misc.checksum(db.target()) == misc.checksum(loaded(node_path(tmp_path, 2)))
+    for loss in [4, 4, 3, 3, 2.9, 2.9,    # windows 4, 3 (fell 25%), 2.9 (fell 3%): switch to s'_1
+                 5, 5, 4, 4, 4, 4]:       # windows 5, 4 (fell 20%), 4 (fell 0%): switch to the teacher
+        db._dm_sum = torch.tensor(loss * db.batch_size)
+        db.num_g_steps += 1
+        db._after_generator_update()
+    assert db.switches == [6, 12] and db.node == 0 and db.target() is db.real
+
+
+def test_bad_recorded_paths(tmp_path):
+    write_path(tmp_path / 'gap', 2)
+    os.remove(node_path(tmp_path / 'gap', 1))
+    with pytest.raises(ValueError, match='none missing'):
+        gaussian_disback(path=str(tmp_path / 'gap'))
+    write_path(tmp_path / 'other', 2)
+    torch.save(GaussianDenoiser(MU, 0.5).state_dict(), node_path(tmp_path / 'other', 0))
+    with pytest.raises(ValueError, match='is not this teacher'):
+        gaussian_disback(path=str(tmp_path / 'other'))
+    write_path(tmp_path / 'keys', 2)
+    state = GaussianDenoiser(MU, T_DATA).state_dict()
+    torch.save(dict(mu=state['mean'], log_std=state['log_std']), node_path(tmp_path / 'keys', 1))
+    with pytest.raises(RuntimeError, match='Missing key'):  # strict: a load matching no keys is an error
+        gaussian_disback(path=str(tmp_path / 'keys'))
+    with pytest.raises(ValueError, match='run directory'):
+        gaussian_disback(path_steps=10)
+    with pytest.raises(ValueError, match='path intervals'):
+        gaussian_disback(run_dir=str(tmp_path), path_steps=3, path_nodes=4)
+
+# ----------------------------------------------------------------------------
+# Through train.py with a tiny EDM teacher: one run records and backtracks; resume is exact in both stages.
+
+@pytest.fixture(scope='module')
+def teacher_pkl(tmp_path_factory):
+    from training.networks import EDMPrecond
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp('teacher') / 'teacher.pkl'
+    with open(path, 'wb') as f:
+        pickle.dump(dict(ema=EDMPrecond(**TINY)), f)
+    return path
+
+
+# Batch 8: stage 1 is 3 steps (N = 3), then 6 generator steps switching every 2: switches at 2 and 4.
+ARGS = ['--method=disback', '--batch=8', '--tick=1', '--seed=1', '--device=cpu', '--lr=1e-4', '--nosubdir',
+        '--switch-every=2']
+STAGE1 = ['--stage1-kimg=0.024', '--path-nodes=3']
+
+
+def run(outdir, teacher, duration_steps, *args, resume=False):
+    args = args or STAGE1
+    where = f'--resume={outdir}' if resume else f'--outdir={outdir}'
+    r = CliRunner().invoke(train.main, [where, f'--teacher={teacher}', f'--duration={(duration_steps * 8 - 0.5) * 1e-6}', *ARGS,
+                                        *args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return torch.load(loop_module.find_latest_state(str(outdir)), weights_only=True)['method']
+
+
+def test_cli_records_path_backtracks_and_resumes_exactly(teacher_pkl, tmp_path):
+    full = run(tmp_path / 'full', teacher_pkl, 9)
+    assert full['stage'] == 2 and full['stage1_done'] == 3 and full['num_g_steps'] == 6
+    assert full['switches'] == [2, 4] and full['node'] == 0
+    # The path: N+1 plain state dicts that load strictly into the teacher's network, s'_0 = the teacher.
+    with open(teacher_pkl, 'rb') as f:
+        teacher = persistence.load(f)['ema']
+    sums = []
+    for i in range(4):
+        net = copy.deepcopy(teacher)
+        net.load_state_dict(torch.load(node_path(tmp_path / 'full', i), weights_only=True), strict=True)
+        sums.append(misc.checksum(net))
+    assert sums[0] == misc.checksum(teacher) and len(set(sums)) == 4
+
+    # Stop in stage 1 (after 2 steps), resume into stage 2 on s'_1 (after 5 steps), resume to the end.
+    part = run(tmp_path / 'part', teacher_pkl, 2)
+    assert part['stage'] == 1 and part['stage1_done'] == 2
+    part = run(tmp_path / 'part', teacher_pkl, 5, resume=True)
+    assert part['stage'] == 2 and part['node'] == 1 and part['node_g_steps'] == 0 and part['switches'] == [2]
+    part = run(tmp_path / 'part', teacher_pkl, 9, resume=True)
+    for key in ['stage', 'stage1_done', 'node', 'node_g_steps', 'switches', 'num_steps', 'num_g_steps']:
+        assert part[key] == full[key], key
+    for net in ['G', 'fake', 'G_ema']:
+        for k in full[net]:
+            assert torch.equal(full[net][k], part[net][k]), (net, k)
+    for i in range(4):
+        a, b = (torch.load(node_path(tmp_path / d, i), weights_only=True) for d in ('full', 'part'))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # Stage 2 alone from the recorded path: fake starts at s'_3, same switching.
+    alone = run(tmp_path / 'alone', teacher_pkl, 6, f'--path={tmp_path / "full"}')
+    assert alone['stage'] == 2 and alone['stage1_done'] == 0 and alone['switches'] == [2, 4]
+    assert not any(n.startswith('path-') for n in os.listdir(tmp_path / 'alone'))
+
+
+@pytest.mark.parametrize('args, message', [
+    ([], 'needs --teacher'),
+    (['--teacher={teacher}', '--path={empty}'], 'path-000.pt ... path-N.pt'),
+    (['--teacher={teacher}', '--path={missing}'], 'not a directory'),
+    (['--teacher={teacher}', '--path={empty}', '--path-nodes=2'], 'drop --stage1-kimg'),
+    (['--teacher={teacher}', '--stage1-kimg=0.01', '--batch=8'], 'fewer than the 4 path intervals'),
+])
+def test_cli_bad_input_creates_nothing(teacher_pkl, tmp_path, args, message):
+    os.makedirs(tmp_path / 'empty')
+    args = [a.format(teacher=teacher_pkl, empty=tmp_path / 'empty', missing=tmp_path / 'missing') for a in args]
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "runs"}', '--method=disback', '--device=cpu', *args])
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert not (tmp_path / 'runs').exists()
+
+# ----------------------------------------------------------------------------
+# The README recipes (EDM's released 64x64 teachers; DMD2's two-time-scale settings; our DisBack schedule).
+
+EDM = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained'
+RECIPES = {
+    'imagenet64': [f'--teacher={EDM}/edm-imagenet-64x64-cond-adm.pkl', '--batch=280', '--lr=2e-6', '--fake-steps=5',
+                   '--ema=0', '--duration=56', '--stage1-kimg=560', '--path-nodes=4', '--switch-every=1000'],
+    'ffhq64': [f'--teacher={EDM}/edm-ffhq-64x64-uncond-vp.pkl', '--batch=256', '--lr=5e-6', '--fake-steps=5',
+               '--ema=0', '--duration=26', '--stage1-kimg=512', '--path-nodes=4', '--switch-every=1000'],
+    'afhqv2-64': [f'--teacher={EDM}/edm-afhqv2-64x64-uncond-vp.pkl', '--batch=256', '--lr=5e-6', '--fake-steps=5',
+                  '--ema=0', '--duration=26', '--stage1-kimg=512', '--path-nodes=4', '--switch-every=1000'],
+}
+
+
+@pytest.mark.parametrize('name', sorted(RECIPES))
+def test_recipe_dry_run(name, tmp_path):
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path}', '--method=disback', '--dry-run', *RECIPES[name]])
+    assert r.exit_code == 0, r.output
+    c = json.loads(r.output.split('Training options:')[1].split('Output directory:')[0])
+    kw = c['method_kwargs']
+    batch = c['batch_size']
+    assert kw['class_name'] == 'training.distill.disback.DisBack' and kw['switch_rule'] == 'every'
+    assert kw['path_nodes'] == 4 and kw['switch_every'] == 1000 and kw['fake_steps'] == 5
+    assert kw['path_steps'] == 2000 and kw['path_steps'] * batch < c['total_kimg'] * 1000
+    assert kw['ema_halflife_kimg'] is None and kw['fake_lr'] is None and kw['sigma_init'] == 80
+    assert c['run_dir'].endswith(f'disback-{c["teacher"].split("/")[-1][:-4]}-path4-gpus1-batch{batch}-fp32')
+    assert not os.listdir(tmp_path)
