@@ -100,8 +100,9 @@ def check_class(net, class_idx):
 
 
 @torch.no_grad()
-def generate_batch(net, seeds, device, class_idx=None, **sampler_kwargs):
-    """Seeds -> uint8 NCHW images on the CPU. Per seed: latents, then class label, then sampler noise."""
+def generate_batch(net, seeds, device, class_idx=None, model_kwargs=None, **sampler_kwargs):
+    """Seeds -> uint8 NCHW images on the CPU. Per seed: latents, then class label, then sampler noise.
+    model_kwargs go to every network call (e.g. guidance=w for a guided-distillation student)."""
     rnd = samplers.StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
     class_labels = None
@@ -111,12 +112,12 @@ def generate_batch(net, seeds, device, class_idx=None, **sampler_kwargs):
         if class_idx is not None:
             class_labels = torch.zeros_like(class_labels)
             class_labels[:, class_idx] = 1
-    x = samplers.sample(net, latents, class_labels, rnd.randn_like, **sampler_kwargs)
+    x = samplers.sample(net, latents, class_labels, rnd.randn_like, model_kwargs=model_kwargs, **sampler_kwargs)
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
 
 
 def generate_images(net, seeds, outdir, batch=64, device='cpu', subdirs=False, class_idx=None, verbose=False,
-                    **sampler_kwargs):
+                    model_kwargs=None, **sampler_kwargs):
     """Write {seed:06d}.png for every seed; rank r of W takes batches r, r+W, ...; returns this rank's paths."""
     check_class(net, class_idx)
     samplers.sampler_settings(net, **sampler_kwargs)  # fail on every rank before any work
@@ -126,7 +127,7 @@ def generate_images(net, seeds, outdir, batch=64, device='cpu', subdirs=False, c
     for k, batch_seeds in enumerate(my_batches):
         if verbose:
             dist.print0(f'Batch {k + 1}/{len(my_batches)} (seeds {batch_seeds[0]}..{batch_seeds[-1]})')
-        images = generate_batch(net, batch_seeds, device, class_idx=class_idx, **sampler_kwargs)
+        images = generate_batch(net, batch_seeds, device, class_idx=class_idx, model_kwargs=model_kwargs, **sampler_kwargs)
         for seed, image in zip(batch_seeds, images):
             paths.append(image_path(outdir, seed, subdirs))
             save_image(image.numpy(), paths[-1])
@@ -152,7 +153,8 @@ def generate_images(net, seeds, outdir, batch=64, device='cpu', subdirs=False, c
 @click.option('--solver',                 help='Ablate ODE solver  [default: heun or spec]', type=click.Choice(['euler', 'heun']))
 @click.option('--device',                 help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
 @click.option('--trust-pickle',           help='Allow code embedded in the pickle to run (only for files you trust)', is_flag=True)
-def main(network_pkl, outdir, seeds, subdirs, class_idx, batch, device, trust_pickle, **sampler_kwargs):
+@click.option('--guidance',               help='Guidance strength w of a guided-distillation student  [default: 0]', metavar='FLOAT', type=float)
+def main(network_pkl, outdir, seeds, subdirs, class_idx, batch, device, trust_pickle, guidance, **sampler_kwargs):
     """Generate images (seeds -> PNGs) with a network; sampler options override the network's sampling spec."""
     if device == 'cuda' and not torch.cuda.is_available():
         raise click.ClickException('--device=cuda, but CUDA is not available; use --device=cpu')
@@ -172,7 +174,8 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, batch, device, trust_pi
     dist.print0(f'Generating {len(seeds)} images to "{outdir}" with {dist.get_world_size()} process(es)...')
     try:
         generate_images(net, seeds, outdir, batch=batch, device=device, subdirs=subdirs, class_idx=class_idx,
-                        verbose=True, **sampler_kwargs)
+                        verbose=True, model_kwargs=dict(guidance=guidance) if guidance is not None else None,
+                        **sampler_kwargs)
     except ValueError as e:
         raise click.ClickException(str(e))
     dist.barrier()

@@ -6,6 +6,7 @@ as training_options.json in the run directory.
 """
 
 import json
+import math
 import os
 import re
 import warnings
@@ -167,6 +168,104 @@ def setup_kd(opts, c, ds):
     return f'{name}-{opts.kd_variant}{f"-k{opts.num_blocks}" if opts.num_blocks else ""}'
 
 
+# Progressive distillation (--method=pd) and guided distillation stage one (--method=guided).
+
+def _given(name):
+    """Whether the user gave an option (its value may equal the default)."""
+    return click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+
+
+def _w_range(s):
+    """'0,4' -> [0.0, 4.0]; None stays None."""
+    if s is None:
+        return None
+    try:
+        w = [float(v) for v in s.split(',')]
+    except ValueError:
+        w = []
+    if len(w) != 2 or not 0 <= w[0] <= w[1]:
+        raise click.BadParameter(f'"{s}" is not a guidance range MIN,MAX with 0 <= MIN <= MAX, e.g. 0,4', param_hint='--w-range')
+    return w
+
+
+def setup_pd(opts, c, ds):
+    from training.distill.progressive import round_schedule
+    if opts.teacher is None or ds is None:
+        raise click.ClickException('--method=pd needs --teacher=PKL|URL and --data=ZIP|DIR (the images it noises)')
+    round_kimg = opts.round_kimg if opts.round_kimg is not None else 50000 * opts.batch / 1000  # paper: 50k updates
+    final_kimg = opts.final_round_kimg if opts.final_round_kimg is not None else 2 * round_kimg
+    try:
+        schedule = round_schedule(opts.start_steps, opts.end_steps, round_kimg, final_kimg, opts.batch)
+    except ValueError as e:
+        raise click.ClickException(str(e))
+    if _given('duration'):
+        raise click.ClickException('--method=pd takes its duration from the rounds; drop --duration, use --round-kimg')
+    total_nimg = sum(updates for _, updates in schedule) * opts.batch
+    opts.duration = total_nimg / 1e6
+    while opts.duration * 1000 * 1000 > total_nimg:  # float rounding must not add a step to the last round
+        opts.duration = math.nextafter(opts.duration, 0)
+    w_range = _w_range(opts.w_range)
+    if not opts.dry_run:  # the teacher against the data, before any directory exists (a dry run may name URLs)
+        from torch_utils import persistence
+        from training.distill.progressive import check_teacher
+        try:
+            check_teacher(persistence.load_network_pkl(opts.teacher, allow_code=opts.trust_pickle), ds, w_range)
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f'--teacher: {e}')
+    c.method_kwargs = dnnlib.EasyDict(
+        class_name='training.distill.progressive.ProgressiveDistillation',
+        start_steps=opts.start_steps,                           # the first teacher's Euler steps
+        end_steps=opts.end_steps,                               # the last student's steps
+        round_kimg=round_kimg,                                  # length of a halving round
+        final_round_kimg=final_kimg,                            # length of the rounds to 2 and 1 steps
+        optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr or 5e-5, betas=[0.9, 0.999], eps=1e-8),
+        max_grad_norm=opts.grad_clip if _given('grad_clip') else None,  # paper: no clipping
+        ema_halflife_kimg=opts.ema * 1000 if opts.ema else None,  # paper: no EMA
+        ema_teacher=opts.ema_teacher,                           # the EMA becomes the next teacher
+        guidance_range=w_range,                                 # w carried through (a --method=guided teacher)
+    )
+    name = os.path.splitext(os.path.basename(opts.teacher.rstrip('/')))[0]
+    return f'{name}-{opts.start_steps}to{opts.end_steps}{"-w" if opts.w_range else ""}'
+
+
+def setup_guided(opts, c, ds):
+    if opts.teacher is None or ds is None or not opts.cond:
+        raise click.ClickException('--method=guided needs a class-conditional --teacher=PKL|URL and labelled '
+                                   '--data=ZIP|DIR with --cond=1')
+    if opts.dry_run:  # a dry run may name URLs: check only that local files exist
+        if opts.guide != 'null' and not dnnlib.util.is_url(opts.guide) and not os.path.isfile(opts.guide):
+            raise click.ClickException(f'--guide: no such file "{opts.guide}"')
+    else:  # teacher and guide against the data, before any directory exists
+        from torch_utils import persistence
+        from training.distill import guided
+        load = lambda path: persistence.load_network_pkl(path, allow_code=opts.trust_pickle)
+        try:
+            teacher = load(opts.teacher)
+            guided.check_teacher(teacher, ds)
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f'--teacher: {e}')
+        if opts.guide != 'null':
+            try:
+                guided.check_guide(load(opts.guide), teacher)
+            except (OSError, ValueError) as e:
+                raise click.ClickException(f'--guide: {e}')
+    if not _given('duration'):
+        opts.duration = 20  # our default for this fine-tuning (Mimg), not a paper setting
+    c.method_kwargs = dnnlib.EasyDict(
+        class_name='training.distill.guided.GuidedDistillation',
+        guide=opts.guide,                                       # null, or an unconditional / weaker network
+        trust_pickle=opts.trust_pickle,                         # for the guide pickle
+        guidance_range=_w_range(opts.w_range) or [0.0, 4.0],    # w ~ U[w_min, w_max]
+        optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr or 1e-4, betas=[0.9, 0.999], eps=1e-8),
+        lr_rampup_kimg=opts.lr_rampup if _given('lr_rampup') else 0,  # fine-tuning copied weights: no warm-up
+        max_grad_norm=opts.grad_clip if _given('grad_clip') else None,
+        ema_halflife_kimg=(opts.ema if opts.ema is not None else 0.5) * 1000 or None,
+    )
+    name = os.path.splitext(os.path.basename(opts.teacher.rstrip('/')))[0]
+    guide = 'null' if opts.guide == 'null' else os.path.splitext(os.path.basename(opts.guide.rstrip('/')))[0]
+    return f'{name}-guide-{guide}'
+
+
 def setup_disback(opts, c, ds):
     from training.distill.disback import recorded_nodes
     if opts.teacher is None:
@@ -196,7 +295,7 @@ def setup_disback(opts, c, ds):
     return f'{desc}-path{nodes}'
 
 
-METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, disback=setup_disback)
+METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=setup_guided, disback=setup_disback)
 
 # ----------------------------------------------------------------------------
 
@@ -235,6 +334,14 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, disback=setup_disback)
 @click.option('--kd-out',        help='KD: weight of the output distillation loss', metavar='FLOAT', type=click.FloatRange(min=0), default=1)
 @click.option('--kd-feat',       help='KD: weight of the feature distillation loss', metavar='FLOAT', type=click.FloatRange(min=0), default=1)
 @click.option('--kd-feat-norm',  help='KD: divide feature losses by the teacher feature variance', metavar='BOOL', type=bool, default=False)
+# PD (progressive distillation) and guided distillation.
+@click.option('--start-steps',   help='PD: Euler steps of the first teacher (halved each round)', metavar='INT', type=click.IntRange(min=2), default=256)
+@click.option('--end-steps',     help='PD: steps of the last student', metavar='INT', type=click.IntRange(min=1), default=1)
+@click.option('--round-kimg',    help='PD: length of a halving round  [default: 50k updates]', metavar='KIMG', type=click.FloatRange(min=0, min_open=True))
+@click.option('--final-round-kimg', help='PD: length of the rounds to 2 and 1 steps  [default: 2x --round-kimg]', metavar='KIMG', type=click.FloatRange(min=0, min_open=True))
+@click.option('--ema-teacher',   help='PD: the EMA (--ema) becomes the next teacher', metavar='BOOL', type=bool, default=False)
+@click.option('--w-range',       help='Guided: w ~ U[MIN,MAX]  [default: 0,4]; PD: carry w of a guided teacher', metavar='MIN,MAX', type=str)
+@click.option('--guide',         help='Guided: D_u = null (teacher, zero label), or an uncond./weaker network', metavar='null|PKL|URL', type=str, default='null')
 # DisBack (on top of the DMD options).
 @click.option('--path',          help='DisBack: recorded path (a stage-1 run directory): skip stage 1', metavar='DIR', type=str)
 @click.option('--stage1-kimg',   help='DisBack: stage 1 (path recording) duration, part of --duration', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=200)

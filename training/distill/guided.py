@@ -1,0 +1,171 @@
+"""Guided distillation, stage one (Meng et al., CVPR 2023): `--method=guided`, one network for every guidance strength.
+
+Classifier-free guidance in D-space: D_w = D_c + w (D_c - D_u), w = 0 being the plain conditional teacher (EDM2's
+guidance g = w + 1). The student is the teacher's architecture plus an embedding of w whose last layer starts at
+zero, so it starts equal to the conditional teacher; it learns lam(s) |D_student(x_s; s, c, w) - D_w|^2 with
+w ~ U[w_min, w_max], x_s = x + s n from labelled data and EDM's log-normal noise levels. The guide D_u is
+
+  'null'        the teacher itself with an all-zero label (only for teachers trained with label dropout),
+  a network     with label_dim 0: a separate unconditional model (EDM's CIFAR-10 pair: cond + uncond), called
+                without labels; with labels: a weaker conditional model of the same kind (autoguidance, Karras et
+                al. 2024), called with the same labels. The user supplies that weaker model.
+
+Stage two is `--method=pd` on a stage-one snapshot with w carried through (--w-range). Sample any w with
+`generate.py --guidance=w`. See METHODS.md section 5.
+"""
+
+import copy
+
+import torch
+
+from torch_utils import distributed, persistence, training_stats
+from training import networks, optim
+from training.ema import EMA
+from training.samplers import edm_sampler
+
+# ----------------------------------------------------------------------------
+
+def make_guided_student(teacher):
+    """A copy of the teacher's network (this project's class) with a zero-initialised guidance embedding."""
+    cls = getattr(networks, type(teacher).__name__)
+    student = cls(*teacher.init_args, **dict(teacher.init_kwargs, guidance_embed=True))
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith('model.map_guidance') for k in missing), (missing, unexpected)
+    return student.to(next(teacher.parameters()).device)
+
+
+def check_teacher(teacher, dataset):
+    """A class-conditional training.networks preconditioner that matches the labelled data."""
+    if dataset is None:
+        raise ValueError('Guided distillation trains on noised labelled images: pass --data=ZIP|DIR --cond=1')
+    if not teacher.label_dim:
+        raise ValueError('Guided distillation needs a class-conditional teacher (label_dim > 0); this one is unconditional')
+    got = (teacher.img_resolution, teacher.img_channels, teacher.label_dim)
+    want = (dataset.resolution, dataset.num_channels, dataset.label_dim)
+    if got != want:
+        raise ValueError(f'The teacher is {got[0]}x{got[0]}x{got[1]} with {got[2]} labels, the data {want[0]}x{want[0]}x'
+                         f'{want[1]} with {want[2]} labels; pick matching ones (--cond=1)')
+    if getattr(teacher, 'model', None) is None or getattr(networks, type(teacher).__name__, None) is None:
+        raise ValueError(f'Guided distillation builds its student from a training.networks preconditioner, not a '
+                         f'{type(teacher).__name__}; pass a network pickle (e.g. toy/default/teacher-unet.pkl, not '
+                         f'teacher-exact.pkl)')
+
+
+def check_guide(guide, teacher):
+    """The guide must match the teacher's images, with 0 labels (unconditional) or the teacher's (autoguidance)."""
+    got = (guide.img_resolution, guide.img_channels)
+    if got != (teacher.img_resolution, teacher.img_channels) or guide.label_dim not in (0, teacher.label_dim):
+        raise ValueError(f'The guide is {got[0]}x{got[0]}x{got[1]} with {guide.label_dim} labels; it needs the teacher\'s '
+                         f'{teacher.img_resolution}x{teacher.img_resolution}x{teacher.img_channels} and 0 labels '
+                         f'(unconditional) or {teacher.label_dim} (autoguidance)')
+
+
+@torch.no_grad()
+def cfg_target(teacher, guide, x, sigma, labels, w):
+    """D_w = D_c + w (D_c - D_u) in float32; guide None = the teacher with a zero label (one batched call)."""
+    w = torch.as_tensor(w, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+    if guide is None:
+        sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
+        D_c, D_u = teacher(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([labels, torch.zeros_like(labels)])).chunk(2)
+    else:
+        D_c = teacher(x, sigma, labels)
+        D_u = guide(x, sigma, labels if guide.label_dim else None)
+    return D_c + w * (D_c - D_u)
+
+# ----------------------------------------------------------------------------
+
+class GuidedDistillation:
+    def __init__(self,
+        teacher,                        # frozen class-conditional network: D_c, and the student's initial weights
+        device,                         # torch.device of this rank
+        batch_size,                     # global batch
+        dataset             = None,     # labelled training images (required)
+        guide               = 'null',   # D_u: 'null' (teacher, zero label), a network pickle path/URL, or a network
+        trust_pickle        = False,    # allow code embedded in the guide pickle to run
+        guidance_range      = [0, 4],   # w ~ U[w_min, w_max]
+        optimizer_kwargs    = {},       # class_name + keywords of the optimizer (lr: the base lr)
+        lr_rampup_kimg      = 0,        # learning-rate warm-up
+        max_grad_norm       = None,     # gradient clipping, None = off
+        ema_halflife_kimg   = 500,      # student EMA half-life, None = no EMA
+        ema_rampup_ratio    = 0.05,     # EMA half-life ramp-up
+        P_mean              = -1.2,     # noise levels: ln s ~ N(P_mean, P_std^2), as EDM's teacher training
+        P_std               = 1.2,
+        sample_guidance     = 1.0,      # w of preview samples
+        sample_steps        = 18,       # Heun steps of preview samples
+    ):
+        check_teacher(teacher, dataset)
+        if isinstance(guide, str):
+            guide = None if guide == 'null' else persistence.load_network_pkl(guide, allow_code=trust_pickle)
+        if guide is not None:
+            check_guide(guide, teacher)
+            guide = guide.to(device).eval().requires_grad_(False)
+        self.device = device
+        self.batch_size = batch_size
+        self.per_rank_batch = batch_size // distributed.get_world_size()
+        self.img_shape = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
+        self.sigma_data = getattr(teacher, 'sigma_data', 0.5)
+        self.teacher = teacher
+        self.guide = guide
+        self.guidance_range = guidance_range
+        opt_kwargs = dict(optimizer_kwargs)
+        self.lr = opt_kwargs.pop('lr')
+        self.lr_rampup_kimg = lr_rampup_kimg
+        self.max_grad_norm = max_grad_norm
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.sample_guidance = sample_guidance
+        self.sample_steps = sample_steps
+
+        # Eval mode throughout: no dropout, no label dropout.
+        self.student = make_guided_student(teacher).eval().requires_grad_(True)
+        self.optimizer = optim.make_optimizer(self.student.parameters(), lr=self.lr, **opt_kwargs)
+        self.ema = EMA(self.student, ema_halflife_kimg, ema_rampup_ratio) if ema_halflife_kimg is not None else None
+
+    def step(self, rounds, cur_nimg):
+        def loss_fn(r):
+            if r.images is None:
+                raise ValueError('Guided distillation needs training images: pass --data=ZIP|DIR --cond=1')
+            sigma = (r.randn('guided_sigma') * self.P_std + self.P_mean).exp()
+            w_min, w_max = self.guidance_range
+            w = w_min + (w_max - w_min) * r.rand('guided_w')
+            x_s = r.images + sigma.reshape(-1, 1, 1, 1) * r.randn('guided_noise', *self.img_shape)
+            target = cfg_target(self.teacher, self.guide, x_s, sigma, r.labels, w)
+            D = self.student(x_s, sigma, r.labels, guidance=w)
+            weight = ((sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2).reshape(-1, 1, 1, 1)
+            return training_stats.report('Loss/loss', weight * (D - target) ** 2)
+
+        optim.backward_rounds(rounds, loss_fn, self.per_rank_batch)
+        lr = optim.rampup_lr(self.lr, cur_nimg, self.lr_rampup_kimg)
+        optim.step(self.optimizer, self.student.parameters(), lr, max_grad_norm=self.max_grad_norm)
+        if self.ema is not None:
+            self.ema.update(cur_nimg + self.batch_size, self.batch_size)
+
+    def networks(self):
+        return dict(student=self.student, **({'ema': self.ema.ema} if self.ema is not None else {}))
+
+    def _sampled(self):
+        return self.ema.ema if self.ema is not None else self.student
+
+    def snapshot(self):
+        """The w-conditioned student: a diffusion model (Heun by default); generate.py --guidance=w picks w."""
+        return dict(ema=copy.deepcopy(self._sampled()).eval().requires_grad_(False).cpu())
+
+    @torch.no_grad()
+    def sample(self, z, labels):
+        w = torch.full([z.shape[0]], float(self.sample_guidance), device=z.device)
+        return edm_sampler(self._sampled(), z, labels, num_steps=self.sample_steps,
+                           model_kwargs=dict(guidance=w)).to(torch.float32)
+
+    def state_dict(self):
+        state = dict(student=self.student.state_dict(), optimizer=self.optimizer.state_dict())
+        if self.ema is not None:
+            state['ema'] = self.ema.ema.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        self.student.load_state_dict(state['student'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        if self.ema is not None:
+            self.ema.ema.load_state_dict(state['ema'])
+
+# ----------------------------------------------------------------------------
