@@ -198,3 +198,23 @@ def test_two_processes_match_one(data, tmp_path):
     b, _ = final_weights(tmp_path / 'two')
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_augmented_training_feeds_augment_labels(data, tmp_path):
+    """--augment: the network gets EDM's 9 augment labels (map_augment) and the run is still exactly resumable."""
+    net = dict(TINY_NET, augment_dim=9)
+    augment = dict(class_name='training.augment.AugmentPipe', p=0.5, xflip=1e8, yflip=1, scale=1, rotate_frac=1,
+                   aniso=1, translate_frac=1)
+    kwargs = dict(class_name='training.teacher.EDM', network_kwargs=net, loss_kwargs=dict(class_name='training.loss.EDMLoss'),
+                  optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=1e-3), lr_rampup_kimg=0, augment_kwargs=augment)
+    run_loop(tmp_path / 'a', data / 'cond.zip', total_kimg=0.016, method_kwargs=kwargs)
+    run_loop(tmp_path / 'b', data / 'cond.zip', total_kimg=0.016, method_kwargs=kwargs, batch_gpu=2)
+    a, _ = final_weights(tmp_path / 'a')
+    b, _ = final_weights(tmp_path / 'b')
+    assert a['model.map_augment.weight'].shape == (16, 9)
+    assert a['model.map_augment.weight'].abs().sum() > 0
+    for k in a:  # augmentation randomness is keyed by sample position, so the split into rounds does not matter
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5)  # Adam magnifies float noise in tiny gradients
+    with open(tmp_path / 'a' / 'network-snapshot-000000.pkl', 'rb') as f:
+        snap = persistence.load(f)
+    assert type(snap['augment_pipe']).__name__ == 'AugmentPipe' and snap['augment_pipe'].p == 0.5
