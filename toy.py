@@ -240,7 +240,7 @@ def metrics_cmd(problem, images, network, labels, num, num_steps, trust_pickle, 
     result.update(problem=problem, source=images or network)
     click.echo(f'{result["num"]} images from {result["source"]} (labels: {labels}) vs the exact mixture:')
     click.echo(f'{"":12s}{"images":>12s}{"floor":>12s}')
-    for key, name in [('fd', 'FD'), ('mode_tv', 'mode TV'), ('precision', 'precision')]:
+    for key, name in [('fd', 'FD'), ('mode_tv', 'mode TV'), ('precision', 'precision'), ('spread', 'spread')]:
         click.echo(f'{name:12s}{result["images"][key]:12.5f}{result["floor"][key]:12.5f}')
     if out is not None:
         dnnlib.util.atomic_write(out, lambda f: f.write(json.dumps(result, indent=2)), mode='w')

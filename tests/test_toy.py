@@ -167,9 +167,11 @@ def test_fd_of_exact_gaussian_samples_matches_finite_sample_expectation():
     expected = 0.2 ** 2 * (d / n + d * (d + 1) / (4 * (n - 1)))
     assert r['num'] == n and abs(r['fd'] / expected - 1) < 0.15
     assert r['mode_tv'] == 0 and abs(r['precision'] - 0.99) < 4 * np.sqrt(0.99 * 0.01 / n)
+    assert abs(r['spread'] - 1) < 4 * np.sqrt(2 / (n * d))  # mean of chi^2_d / d over n samples
     # A 50% too wide distribution: FD = d (0.3 - 0.2)^2 + the finite-sample term, and few samples are precise.
     r_wide = toy.mixture_metrics([0.1 + 1.5 * (x.flatten(1).numpy() - 0.1)], means, stds, weights, quantized=False)
     assert abs(r_wide['fd'] / (d * 0.1 ** 2 + 1.5 ** 2 * expected) - 1) < 0.05 and r_wide['precision'] < 0.05
+    assert r_wide['spread'] == pytest.approx(1.5 ** 2 * r['spread'])
 
 
 def test_dropped_mode_gives_tv_equal_to_its_weight():

@@ -238,14 +238,19 @@ def _trace_sqrt_product(S, R):
 
 
 def mixture_metrics(batches, means, stds, weights, quantized=True):
-    """FD, mode coverage TV and precision of samples against the mixture with these means, stds and weights.
+    """FD, mode coverage TV, precision and spread of samples against the mixture with these means, stds, weights.
 
     batches: iterable of float arrays [n, D] in [-1, 1]. Pass the weights the samples' classes were drawn with
-    (uniform for generate.py's random labels). FD uses the exact mean and covariance; a sample's mode is its most
-    probable component at s = 0; mode TV = 0.5 sum_k |hist_k - w_k|; precision = share of samples within the 99%
-    radius of their component, t_k sqrt(chi2_0.99(D)). With quantized=True the samples went through uint8, whose
-    rounding adds independent noise of variance QUANT_VAR per pixel: it is added to the covariance and the
-    component variances, so exact samples score the same after saving as before.
+    (uniform for generate.py's random labels).
+    - FD: Frechet distance to the exact mean and covariance (unbiased sample covariance, as FID).
+    - mode TV: 0.5 sum_k |hist_k - w_k|, a sample's mode being its most probable component at s = 0.
+    - precision: share of samples within the 99% radius of their component, t_k sqrt(chi2_0.99(D)).
+    - spread: mean |x - mu_k|^2 / (D t_k^2) over samples, 1 when exact. In high dimension the 99% radius is only a
+      few percent above the typical distance, so precision is a sharp test of the per-component scale; spread says
+      by how much it is off.
+    With quantized=True the samples went through uint8, whose rounding adds independent noise of variance QUANT_VAR
+    per pixel: it is added to the covariance and the component variances, so exact samples score the same after
+    saving as before.
     """
     means = np.asarray(means, dtype=np.float64).reshape(len(weights), -1)
     weights = np.asarray(weights, dtype=np.float64)
@@ -255,7 +260,7 @@ def mixture_metrics(batches, means, stds, weights, quantized=True):
     from scipy.stats import chi2  # only for the 99% radius, so the module itself needs numpy and torch alone
     r2_99 = v * chi2.ppf(0.99, D)
     n, s1, s2 = 0, np.zeros(D), np.zeros([D, D])
-    hist, inside = np.zeros(K, dtype=np.int64), 0
+    hist, inside, spread = np.zeros(K, dtype=np.int64), 0, 0.0
     for x in batches:
         x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
         if x.shape[1] != D:
@@ -267,7 +272,9 @@ def mixture_metrics(batches, means, stds, weights, quantized=True):
         with np.errstate(divide='ignore'):  # a zero weight gives log 0 = -inf: never assigned
             k = np.argmax(np.log(weights) - 0.5 * d2 / v - 0.5 * D * np.log(v), axis=1)  # posterior mode at s = 0
         hist += np.bincount(k, minlength=K)
-        inside += int((d2[np.arange(len(x)), k] <= r2_99[k]).sum())
+        d2_k = d2[np.arange(len(x)), k]
+        inside += int((d2_k <= r2_99[k]).sum())
+        spread += float((d2_k / (D * v[k])).sum())
     if n < 2:
         raise ValueError(f'Need at least 2 samples for the metrics, got {n}')
     mu = s1 / n
@@ -275,4 +282,4 @@ def mixture_metrics(batches, means, stds, weights, quantized=True):
     mu_ref, R = mixture_moments(means, np.sqrt(v), weights)  # quantisation noise included via v
     fd = ((mu - mu_ref) ** 2).sum() + np.trace(S) + np.trace(R) - 2 * _trace_sqrt_product(S, R)
     return dict(num=n, fd=float(fd), mode_tv=float(0.5 * np.abs(hist / n - weights).sum()),
-                precision=float(inside / n), mode_hist=(hist / n).tolist())
+                precision=float(inside / n), spread=spread / n, mode_hist=(hist / n).tolist())
