@@ -136,17 +136,18 @@ def setup_kd(opts, c, ds):
         raise click.ClickException('--method=kd needs --teacher=PKL|URL (the network to compress) and --data=ZIP|DIR (its data)')
     if opts.transfer is not None:
         raise click.ClickException('--method=kd builds its student from --teacher; drop --transfer')
-    try:  # bad variant/teacher combinations fail here, before any directory exists
-        teacher = persistence.load_network_pkl(opts.teacher, allow_code=opts.trust_pickle)
-        kd.student_config(teacher, opts.kd_variant, opts.num_blocks)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f'--teacher: {e}')
-    if (teacher.img_resolution, teacher.img_channels, teacher.label_dim) != (ds.resolution, ds.num_channels, ds.label_dim):
-        raise click.ClickException(f'--teacher is {teacher.img_resolution}x{teacher.img_resolution}x{teacher.img_channels} with '
-                                   f'{teacher.label_dim} labels, --data {ds.resolution}x{ds.resolution}x{ds.num_channels} '
-                                   f'with {ds.label_dim} labels; pick matching ones (--cond)')
+    if not (opts.dry_run and dnnlib.util.is_url(opts.teacher)):  # a dry run downloads nothing
+        try:  # bad variant/teacher combinations fail here, before any directory exists
+            teacher = persistence.load_network_pkl(opts.teacher, allow_code=opts.trust_pickle)
+            kd.student_config(teacher, opts.kd_variant, opts.num_blocks)
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f'--teacher: {e}')
+        if (teacher.img_resolution, teacher.img_channels, teacher.label_dim) != (ds.resolution, ds.num_channels, ds.label_dim):
+            raise click.ClickException(f'--teacher is {teacher.img_resolution}x{teacher.img_resolution}x{teacher.img_channels} with '
+                                       f'{teacher.label_dim} labels, --data {ds.resolution}x{ds.resolution}x{ds.num_channels} '
+                                       f'with {ds.label_dim} labels; pick matching ones (--cond)')
     augment_kwargs = None
-    if opts.augment and getattr(teacher.model, 'map_augment', None) is not None:  # only teachers that take augment labels
+    if opts.augment:  # the KD method uses it only if the teacher takes augment labels
         augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment, xflip=1e8, yflip=1,
                                          scale=1, rotate_frac=1, aniso=1, translate_frac=1)
     rampup_given = click.get_current_context().get_parameter_source('lr_rampup') != click.core.ParameterSource.DEFAULT
@@ -159,7 +160,7 @@ def setup_kd(opts, c, ds):
         feat_norm=opts.kd_feat_norm,                            # feature terms relative to the teacher's variance
         loss_kwargs=dnnlib.EasyDict(class_name='training.loss.EDMLoss'),  # L_task
         optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr or 1e-4, betas=[0.9, 0.999], eps=1e-8),
-        augment_kwargs=augment_kwargs,                          # EDM's augmentation, if the teacher was trained with it
+        augment_kwargs=augment_kwargs,                          # EDM's augmentation (if the teacher was trained with it)
         ema_halflife_kimg=(opts.ema if opts.ema is not None else 0.5) * 1000,
         lr_rampup_kimg=opts.lr_rampup if rampup_given else 0,  # fine-tuning copied weights: no warm-up by default
         loss_scaling=opts.ls,

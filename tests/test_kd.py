@@ -249,7 +249,7 @@ def test_cli_dry_run_recipe(files, tmp_path):
     assert m['class_name'] == 'training.distill.kd.KD' and m['variant'] == 'tiny' and m['num_blocks'] is None
     assert (m['lambda_out'], m['lambda_feat'], m['feat_norm']) == (1, 0.5, True)
     assert m['optimizer_kwargs']['lr'] == 1e-4 and m['lr_rampup_kimg'] == 0
-    assert m['augment_kwargs'] is None  # the teacher has no augment_dim
+    assert m['augment_kwargs']['p'] == 0.12  # EDM's setting; the method drops it for teachers without augment labels
     assert options['run_dir'].endswith('kd-teacher-tiny-gpus1-batch8-fp32')
     assert not (tmp_path / 'runs').exists()
 
@@ -266,3 +266,13 @@ def test_cli_bad_input_creates_nothing(files, tmp_path, args, message):
     r = cli(files, tmp_path, *args)
     assert r.exit_code != 0 and message in r.output, r.output
     assert not (tmp_path / 'runs').exists()
+
+
+def test_augment_pipe_only_for_teachers_with_augment_labels():
+    augment = dict(class_name='training.augment.AugmentPipe', p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1,
+                   aniso=1, translate_frac=1)
+    ds = type('DS', (), dict(resolution=8, num_channels=3, label_dim=4))()
+    plain = kd.KD('cpu', 8, make_teacher(), ds, augment_kwargs=augment)
+    augmented = kd.KD('cpu', 8, make_teacher(augment_dim=9), ds, augment_kwargs=augment)
+    assert plain.augment_pipe is None
+    assert augmented.augment_pipe is not None and augmented.augment_pipe.p == 0.12

@@ -207,7 +207,7 @@ class KD:
         sigma_data          = 0.5,      # sd in L_outKD's weight lam(s) = 1/s^2 + 1/sd^2
         loss_kwargs         = dict(class_name='training.loss.EDMLoss'),  # L_task: class_name + keywords
         optimizer_kwargs    = dict(class_name='torch.optim.Adam', lr=1e-4),  # lr is the base lr
-        augment_kwargs      = None,     # AugmentPipe keywords, or None (needs a teacher with augment_dim)
+        augment_kwargs      = None,     # AugmentPipe keywords, or None; used only if the teacher takes augment labels
         ema_halflife_kimg   = 500,      # EMA half-life in thousands of images
         ema_rampup_ratio    = 0.05,     # EMA half-life ramp-up, None = off
         lr_rampup_kimg      = 0,        # learning-rate warm-up
@@ -227,7 +227,8 @@ class KD:
         self.net = make_student(teacher, variant, num_blocks).train().requires_grad_(True).to(device)
         self.pairs = feature_pairs(self.net, teacher)
         self.loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
-        self.augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
+        takes_augment = getattr(teacher.model, 'map_augment', None) is not None  # only teachers trained with augment labels
+        self.augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs and takes_augment else None
         opt_kwargs = dict(optimizer_kwargs)
         self.lr = opt_kwargs.pop('lr')
         self.optimizer = optim.make_optimizer(self.net.parameters(), lr=self.lr, **opt_kwargs)
