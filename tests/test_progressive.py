@@ -132,6 +132,30 @@ def test_gaussian_rounds_reproduce_teacher_samples():
     train_rounds(method, t, 1)  # past the last round: nothing changes
     assert torch.equal(method.student.gain, snap.gain)
 
+def test_round_handover_lr_decay_and_optimizer_reset():
+    """Per round: lr decays linearly to 0, Adam restarts, and (ema_teacher) the EMA becomes teacher and student."""
+    levels = samplers.nested_sigmas(8, 0.002, 80, 7)[:-1]
+    teacher = GainDenoiser(0.5, levels).requires_grad_(False)
+    method = ProgressiveDistillation(teacher, torch.device('cpu'), batch_size=64,
+                                     dataset=dnnlib.EasyDict(resolution=4, num_channels=1, label_dim=0), start_steps=8,
+                                     end_steps=2, round_kimg=64 * 4 / 1000, final_round_kimg=64 * 2 / 1000,
+                                     optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=0.1), ema_halflife_kimg=0.1,
+                                     ema_teacher=True)
+    assert method.schedule == [(4, 4), (2, 2)]
+    lrs = []
+    for _ in range(4):
+        train_rounds(method, 0.5, 1)
+        lrs.append(method.optimizer.param_groups[0]['lr'])
+    assert lrs == pytest.approx([0.1, 0.075, 0.05, 0.025])
+    ema = method.ema.ema.gain.detach().clone()
+    assert not torch.equal(ema, method.student.gain) and method.wants_snapshot()
+    assert torch.equal(method.snapshot()['ema'].gain, ema)  # the snapshot is the EMA
+    train_rounds(method, 0.5, 1)
+    assert method.num_steps == 2 and torch.equal(method.teacher.gain, ema)
+    assert method.optimizer.param_groups[0]['lr'] == 0.1
+    assert int(method.optimizer.state[method.student.gain]['step']) == 1  # a fresh Adam
+
+
 # ----------------------------------------------------------------------------
 # The training loop: exact resume inside a round and at a round's end.
 

@@ -3,7 +3,9 @@
 Classifier-free guidance in D-space: D_w = D_c + w (D_c - D_u), w = 0 being the plain conditional teacher (EDM2's
 guidance g = w + 1). The student is the teacher's architecture plus an embedding of w whose last layer starts at
 zero, so it starts equal to the conditional teacher; it learns lam(s) |D_student(x_s; s, c, w) - D_w|^2 with
-w ~ U[w_min, w_max], x_s = x + s n from labelled data and EDM's log-normal noise levels. The guide D_u is
+w ~ U[w_min, w_max], x_s = x + s n from labelled data, and s = s(u), u ~ U[0, 1], on the Karras grid: the levels a
+sampler visits (guidance acts mostly at high noise, which EDM's log-normal training levels rarely reach; on the toy
+benchmark they left the student far off there). The guide D_u is
 
   'null'        the teacher itself with an all-zero label (only for teachers trained with label dropout),
   a network     with label_dim 0: a separate unconditional model (EDM's CIFAR-10 pair: cond + uncond), called
@@ -21,7 +23,7 @@ import torch
 from torch_utils import distributed, persistence, training_stats
 from training import networks, optim
 from training.ema import EMA
-from training.samplers import edm_sampler
+from training.samplers import edm_sampler, karras_sigma
 
 # ----------------------------------------------------------------------------
 
@@ -88,8 +90,9 @@ class GuidedDistillation:
         max_grad_norm       = None,     # gradient clipping, None = off
         ema_halflife_kimg   = 500,      # student EMA half-life, None = no EMA
         ema_rampup_ratio    = 0.05,     # EMA half-life ramp-up
-        P_mean              = -1.2,     # noise levels: ln s ~ N(P_mean, P_std^2), as EDM's teacher training
-        P_std               = 1.2,
+        sigma_min           = 0.002,    # noise levels s(u), u ~ U[0, 1], on the Karras grid
+        sigma_max           = 80,
+        rho                 = 7,
         sample_guidance     = 1.0,      # w of preview samples
         sample_steps        = 18,       # Heun steps of preview samples
     ):
@@ -111,8 +114,7 @@ class GuidedDistillation:
         self.lr = opt_kwargs.pop('lr')
         self.lr_rampup_kimg = lr_rampup_kimg
         self.max_grad_norm = max_grad_norm
-        self.P_mean = P_mean
-        self.P_std = P_std
+        self.grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
         self.sample_guidance = sample_guidance
         self.sample_steps = sample_steps
 
@@ -125,7 +127,7 @@ class GuidedDistillation:
         def loss_fn(r):
             if r.images is None:
                 raise ValueError('Guided distillation needs training images: pass --data=ZIP|DIR --cond=1')
-            sigma = (r.randn('guided_sigma') * self.P_std + self.P_mean).exp()
+            sigma = karras_sigma(r.rand('guided_sigma'), **self.grid)
             w_min, w_max = self.guidance_range
             w = w_min + (w_max - w_min) * r.rand('guided_w')
             x_s = r.images + sigma.reshape(-1, 1, 1, 1) * r.randn('guided_noise', *self.img_shape)
