@@ -1,10 +1,12 @@
 """Guided distillation: the w embedding, the guided target against the exact mixture, training, stage two, CLI."""
 
+import io
 import json
 import os
 import pickle
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
@@ -65,7 +67,7 @@ def test_student_starts_equal_to_teacher_and_takes_w(model_type):
         with pytest.raises(ValueError, match='no guidance input'):
             teacher(x, sigma, c, guidance=1.0)
         # The student pickles with its keyword and loads with the safe loader.
-        loaded = persistence.load(__import__('io').BytesIO(pickle.dumps(dict(ema=student))))['ema']
+        loaded = persistence.load(io.BytesIO(pickle.dumps(dict(ema=student))))['ema']
         assert loaded.init_kwargs['guidance_embed'] is True
         assert torch.equal(loaded(x, sigma, c, guidance=2.0), student(x, sigma, c, guidance=2.0))
 
@@ -207,7 +209,6 @@ def test_cli_stage_one_then_two_then_generate_with_guidance(files, tmp_path):
     # generate.py --guidance=w: the network is called with w; without the option, w = 0.
     r = CliRunner().invoke(generate.main, [f'--network={snap}', f'--outdir={tmp_path / "w2"}', '--seeds=0-1', '--steps=4', '--guidance=2'])
     assert r.exit_code == 0, r.output
-    import PIL.Image
     w2 = np.stack([np.asarray(PIL.Image.open(tmp_path / 'w2' / f'{i:06d}.png')) for i in range(2)])
     expected = generate.generate_batch(net, [0, 1], 'cpu', model_kwargs=dict(guidance=2.0), num_steps=4)
     assert np.array_equal(w2, expected.permute(0, 2, 3, 1).numpy())

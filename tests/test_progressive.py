@@ -5,6 +5,7 @@ import os
 import pickle
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
@@ -14,7 +15,6 @@ import generate
 import train
 from dataset_tool import save_dataset
 from golden import fill_golden_weights
-from torch_utils import persistence
 from training import samplers
 from training import training_loop as loop_module
 from training.batching import Round, StepRandom
@@ -222,7 +222,6 @@ def test_cli_snapshot_per_round_sampled_by_generate_without_flags(files, tmp_pat
     net = generate.load_network(str(tmp_path / snaps[-1]))
     expected = generate.generate_batch(net, [0, 1], 'cpu', solver='euler', grid='nested', num_steps=1, sigma_max=80)
     for seed in [0, 1]:
-        import PIL.Image
         assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / 'out' / f'{seed:06d}.png')),
                               expected[seed].permute(1, 2, 0).numpy())
 
