@@ -45,11 +45,16 @@ class EDM:
         self.lr_rampup_kimg = lr_rampup_kimg
         self.loss_scaling = loss_scaling
         self.sample_steps = sample_steps
+        self.max_grad_norm = None  # EDM does not clip gradients
+
+    def _loss(self, r):
+        """One round's per-pixel loss (the caller sums it)."""
+        return training_stats.report('Loss/loss', self.loss_fn(self.net, r.images, r.labels, self.augment_pipe, rnd=r))
 
     def step(self, rounds, cur_nimg):
-        loss_fn = lambda r: training_stats.report('Loss/loss', self.loss_fn(self.net, r.images, r.labels, self.augment_pipe, rnd=r))
-        optim.backward_rounds(rounds, loss_fn, self.per_rank_batch, self.loss_scaling)
-        optim.step(self.optimizer, self.net.parameters(), optim.rampup_lr(self.lr, cur_nimg, self.lr_rampup_kimg), self.loss_scaling)
+        optim.backward_rounds(rounds, self._loss, self.per_rank_batch, self.loss_scaling)
+        lr = optim.rampup_lr(self.lr, cur_nimg, self.lr_rampup_kimg)
+        optim.step(self.optimizer, self.net.parameters(), lr, self.loss_scaling, max_grad_norm=self.max_grad_norm)
         self.ema.update(cur_nimg + self.batch_size, self.batch_size)
 
     def networks(self):

@@ -14,7 +14,6 @@ method accept it.
 """
 
 import contextlib
-import copy
 import inspect
 import re
 
@@ -24,6 +23,7 @@ import dnnlib
 from torch_utils import distributed, training_stats
 from training import networks, optim
 from training.ema import EMA
+from training.teacher import EDM
 
 VARIANTS = ('base', 'small', 'tiny')
 
@@ -193,7 +193,9 @@ def kd_terms(student, teacher, pairs, loss_fn, images, labels=None, augment_pipe
 # ----------------------------------------------------------------------------
 # The method (`--method=kd`).
 
-class KD:
+class KD(EDM):
+    """EDM training of a compressed student plus KD terms; networks, snapshots, previews and state as in EDM."""
+
     def __init__(self,
         device,                         # torch.device of this rank
         batch_size,                     # global batch
@@ -252,28 +254,3 @@ class KD:
         training_stats.report('Loss/feat', L_feat)
         training_stats.report('Loss/loss', loss)
         return loss * r.images[0].numel()
-
-    def step(self, rounds, cur_nimg):
-        optim.backward_rounds(rounds, self._loss, self.per_rank_batch, self.loss_scaling)
-        lr = optim.rampup_lr(self.lr, cur_nimg, self.lr_rampup_kimg)
-        optim.step(self.optimizer, self.net.parameters(), lr, self.loss_scaling, max_grad_norm=self.max_grad_norm)
-        self.ema.update(cur_nimg + self.batch_size, self.batch_size)
-
-    def networks(self):
-        return dict(net=self.net, ema=self.ema.ema)
-
-    def snapshot(self):
-        return dict(ema=copy.deepcopy(self.ema.ema).cpu(), loss_fn=self.loss_fn, augment_pipe=self.augment_pipe)
-
-    @torch.no_grad()
-    def sample(self, z, labels):
-        from training.samplers import edm_sampler
-        return edm_sampler(self.ema.ema, z, labels, num_steps=self.sample_steps).to(torch.float32)
-
-    def state_dict(self):
-        return dict(net=self.net.state_dict(), ema=self.ema.ema.state_dict(), optimizer=self.optimizer.state_dict())
-
-    def load_state_dict(self, state):
-        self.net.load_state_dict(state['net'])
-        self.ema.ema.load_state_dict(state['ema'])
-        self.optimizer.load_state_dict(state['optimizer'])
