@@ -203,7 +203,9 @@ def build_cmd(outdir, resolution, channels, K, seed, num_images, fit_kimg, fit_b
         raise click.BadParameter(f'{len(channel_mult)} levels need a resolution divisible by '
                                  f'{1 << (len(channel_mult) - 1)}', param_hint='--fit-mult')
     problem_kwargs = dict(img_resolution=resolution, img_channels=int(channels), num_components=K, seed=seed)
-    fit_kwargs = dict(batch_size=fit_batch, lr=fit_lr, p_uncond=fit_p_uncond)
+    # Half the noise levels log-uniform on [0.002, 80], so the sampler's high levels (where an unconditional model
+    # picks its mode) get more of each batch than under EDM's log-normal.
+    fit_kwargs = dict(batch_size=fit_batch, lr=fit_lr, p_uncond=fit_p_uncond, p_loguniform=0.5)
     net_kwargs = dict(model_type='SongUNet', model_channels=fit_channels, channel_mult=channel_mult,
                       num_blocks=fit_blocks, attn_resolutions=[], dropout=0)
     try:
