@@ -106,8 +106,11 @@ def bench_pair(nets, inputs, mode, warmup, iters, device):
 @click.option('--fp16', help='use_fp16 (CUDA only; the CPU is always fp32)', is_flag=True)
 @click.option('--reference', help='Path to EDM\'s training/networks.py to time side by side', metavar='PATH', default=None)
 @click.option('--seed', help='Seed for weights and inputs', type=int, default=0, show_default=True)
-def main(batch, device, configs, modes, warmup, iters, fp16, reference, seed):
+@click.option('--threads', help='CPU threads (default: torch\'s choice)', type=click.IntRange(min=1), default=None)
+def main(batch, device, configs, modes, warmup, iters, fp16, reference, seed, threads):
     """Print images/s of this project's networks (and of EDM's reference, with --reference)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     device = torch.device(device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise click.BadParameter('CUDA is not available on this machine; use --device=cpu', param_hint='--device')

@@ -122,7 +122,7 @@ class GroupNorm(torch.nn.Module):
 # EDM's weights (i.e. [N*heads, C/heads, 3, H*W] with q, k, v on the "3" axis) -> [N, C, H, W]. Scaled by
 # 1/sqrt(C/heads) like EDM's einsum version. q, k, v are laid out contiguously as [N, heads, pixels, C/heads] so that
 # the fused (flash) kernel runs instead of the [pixels, pixels] math fallback.
-def attention(qkv, num_heads):
+def attention_op(qkv, num_heads):
     N, C, H, W = qkv.shape[0], qkv.shape[1] // 3, qkv.shape[2], qkv.shape[3]
     q, k, v = qkv.reshape(N, num_heads, C // num_heads, 3, H * W).permute(3, 0, 1, 4, 2).contiguous().unbind(0)
     # Contiguous NCHW out: with one head the reshape is a channels-last view, which would spread to every later layer.
@@ -187,7 +187,7 @@ class UNetBlock(torch.nn.Module):
             x = x.mul_(self.skip_scale)
 
         if self.num_heads:
-            x = self.proj(attention(self.qkv(self.norm2(x)), self.num_heads)).add_(x)
+            x = self.proj(attention_op(self.qkv(self.norm2(x)), self.num_heads)).add_(x)
             if self.skip_scale != 1:
                 x = x.mul_(self.skip_scale)
         return x
