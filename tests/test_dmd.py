@@ -6,6 +6,7 @@ import os
 import pickle
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
@@ -146,7 +147,8 @@ def test_cli_dmd_snapshot_samples_one_step_without_flags(teacher_pkl, tmp_path):
     with open(snap, 'rb') as f:
         G = persistence.load(f)['ema']
     assert G.sampling_spec['num_steps'] == 1 and G.sampling_spec['sigma_max'] == 80
-    assert os.path.isfile(tmp_path / 'fakes-000000.png')
+    with PIL.Image.open(tmp_path / 'fakes-000000.png') as grid:  # 64 previews as 8x8 blocks: x, x_real, x_fake
+        assert grid.size == (8 * 8, 3 * 8 * 8)
     # generate.py: one network evaluation per batch, equal to G(80 z; 80).
     calls = []
     G.register_forward_hook(lambda *a: calls.append(1))

@@ -7,6 +7,7 @@ state_dict / load_state_dict).
 
 import inspect
 import json
+import math
 import os
 import pickle
 import random
@@ -305,8 +306,9 @@ def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, rank):
     _write_pickle(data, os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pkl'))
     if grid is not None:
         rows = method.preview(*grid) if hasattr(method, 'preview') else [method.sample(*grid)]
-        misc.save_image_grid(torch.cat([r.cpu() for r in rows]), os.path.join(run_dir, f'fakes-{cur_nimg // 1000:06d}.png'),
-                             grid_w=rows[0].shape[0] if len(rows) > 1 else None)
+        n = rows[0].shape[0]
+        w = next(d for d in range(max(math.isqrt(n), 1), n + 1) if n % d == 0)  # each kind a w-wide block, stacked
+        misc.save_image_grid(torch.cat([r.cpu() for r in rows]), os.path.join(run_dir, f'fakes-{cur_nimg // 1000:06d}.png'), grid_w=w)
 
 
 def _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, device):
