@@ -49,6 +49,24 @@ def load_network(network_pkl, allow_code=False):
     """The network to sample from a snapshot pickle ({'ema': net, ...}) or a bare network pickle, path or URL."""
     return persistence.load_network_pkl(network_pkl, allow_code=allow_code)
 
+
+def init_and_load(device, network_pkl, allow_code, what):
+    """The command lines' start: check --device, init (torchrun-aware), load the network for inference with rank 0
+    first, so that a URL is downloaded into the cache only once. Returns (device, net); one-line errors."""
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise click.ClickException('--device=cuda, but CUDA is not available; use --device=cpu')
+    device = dist.init(device)
+    if dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        net = load_network(network_pkl, allow_code=allow_code)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'Cannot load {what} "{network_pkl}": {e}')
+    finally:
+        if dist.get_rank() == 0:
+            dist.barrier()
+    return device, net.eval().requires_grad_(False).to(device)
+
 # ----------------------------------------------------------------------------
 # Images.
 
@@ -156,20 +174,7 @@ def generate_images(net, seeds, outdir, batch=64, device='cpu', subdirs=False, c
 @click.option('--guidance',               help='Guidance strength w of a guided-distillation student  [default: 0]', metavar='FLOAT', type=float)
 def main(network_pkl, outdir, seeds, subdirs, class_idx, batch, device, trust_pickle, guidance, **sampler_kwargs):
     """Generate images (seeds -> PNGs) with a network; sampler options override the network's sampling spec."""
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise click.ClickException('--device=cuda, but CUDA is not available; use --device=cpu')
-    device = dist.init(device)
-    # Rank 0 loads first, so that a URL is downloaded into the cache only once.
-    if dist.get_rank() != 0:
-        dist.barrier()
-    try:
-        net = load_network(network_pkl, allow_code=trust_pickle)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f'Cannot load network "{network_pkl}": {e}')
-    finally:
-        if dist.get_rank() == 0:
-            dist.barrier()
-    net = net.eval().requires_grad_(False).to(device)
+    device, net = init_and_load(device, network_pkl, trust_pickle, 'network')
 
     dist.print0(f'Generating {len(seeds)} images to "{outdir}" with {dist.get_world_size()} process(es)...')
     try:

@@ -10,9 +10,8 @@ Rank r of W makes every W-th of the shards still to make. See training/pairs.py 
 import os
 
 import click
-import torch
 
-from generate import check_class, load_network, parse_int_list
+from generate import check_class, init_and_load, parse_int_list
 from torch_utils import distributed as dist
 from training import pairs
 
@@ -47,21 +46,8 @@ def _parse_seed_range(ctx, param, value):
 @click.option('--trust-pickle',            help='Allow code embedded in the pickle to run (only for files you trust)', is_flag=True)
 def main(teacher_pkl, outdir, seeds, shard_size, batch, class_idx, device, trust_pickle, **sampler_kwargs):
     """Write (z, y, label) pair shards of a teacher's deterministic sampler; resumable and torchrun-aware."""
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise click.ClickException('--device=cuda, but CUDA is not available; use --device=cpu')
-    device = dist.init(device)
-    # Rank 0 loads first, so that a URL is downloaded into the cache only once.
-    if dist.get_rank() != 0:
-        dist.barrier()
-    try:
-        net = load_network(teacher_pkl, allow_code=trust_pickle)
-        teacher_sha256 = pairs.file_sha256(teacher_pkl)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f'Cannot load teacher "{teacher_pkl}": {e}')
-    finally:
-        if dist.get_rank() == 0:
-            dist.barrier()
-    net = net.eval().requires_grad_(False).to(device)
+    device, net = init_and_load(device, teacher_pkl, trust_pickle, 'teacher')
+    teacher_sha256 = pairs.file_sha256(teacher_pkl)  # the file is local or cached by now
 
     # Every rank checks the settings and scans the directory before any rank writes to it.
     try:
