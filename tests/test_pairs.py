@@ -238,6 +238,13 @@ def test_stochastic_sampler_and_bad_seeds_are_refused(made, tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+def test_missing_teacher_is_one_line_and_writes_nothing(tmp_path):
+    result = run_cli('--teacher', tmp_path / 'nope.pkl', '--outdir', tmp_path / 'out', *ARGS)
+    assert result.exit_code == 1 and result.output.count('\n') == 1, result.output
+    assert result.output.startswith(f'Error: Cannot load teacher "{tmp_path / "nope.pkl"}"') and 'No such file' in result.output
+    assert not (tmp_path / 'out').exists()
+
+
 def test_reader_errors(made, tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         PairSet(tmp_path)
