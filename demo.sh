@@ -25,7 +25,7 @@ fi
 #    50 generator updates.
 $PY train.py --method=dmd --outdir=$OUT/dmd --teacher=$TOY/teacher-unet.pkl --device=cpu --seed=0 \
     --batch=64 --lr=2e-4 --fake-lr=2e-3 --fake-steps=5 --sigma-init=80 --duration=0.016 --tick=4 --snap=100
-RUN=$(ls -d $OUT/dmd/*/ | sort | tail -n 1)
+RUN=$(ls -d $OUT/dmd/*/ | sort | tail -n 1); RUN=${RUN%/}
 SNAP=$(ls $RUN/network-snapshot-*.pkl | sort | tail -n 1)
 
 # 4. A 10x10 grid: row k holds class k, sampled like generate.py (seeds 0-9, one network evaluation each).
