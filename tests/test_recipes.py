@@ -1,4 +1,4 @@
-"""Every `train.py` recipe in the README runs with --dry-run (teachers by URL are not downloaded in a dry run),
+"""Every `train.py` recipe in the README and demo.sh runs with --dry-run (teachers by URL are not downloaded in a dry run),
 and the printed config carries the settings written on the command line."""
 
 import json
@@ -28,7 +28,16 @@ def readme_commands():
     return commands
 
 
-COMMANDS = readme_commands()
+def demo_commands():
+    """The train.py command of demo.sh (the README's first command), its shell variables filled in."""
+    text = open(os.path.join(ROOT, 'demo.sh')).read().replace('\\\n', ' ')
+    values = dict(re.findall(r'^(PY|OUT|TOY)=(\S+)', text, flags=re.M))
+    for _ in range(2):  # TOY is defined through OUT
+        text = re.sub(r'\$(PY|OUT|TOY)\b', lambda m: values[m.group(1)], text)
+    return [line.strip() for line in text.splitlines() if re.match(r'\s*python3 train\.py', line)]
+
+
+COMMANDS = readme_commands() + demo_commands()
 
 
 def fake_dataset(tmp_path, path):
@@ -49,6 +58,11 @@ def stand_in_file(tmp_path, arg):
     path = tmp_path / os.path.basename(m.group(2))
     path.touch()
     return f'--{m.group(1)}={path}'
+
+
+def test_demo_command_is_found():
+    [command] = demo_commands()
+    assert '--method=dmd' in command and '--teacher=demo/toy/teacher-unet.pkl' in command and '$' not in command
 
 
 def test_readme_has_recipes():
