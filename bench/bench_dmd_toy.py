@@ -217,7 +217,8 @@ def plot(results, path, size=(900, 380)):
             draw.text((x1 - 50, y - 12), name, fill=(90, 90, 90))
         for j, r in enumerate(runs):
             xy = [to_xy(p['g_steps'], p[key]) for p in r['points']]
-            draw.line(xy, fill=colours[j % len(colours)], width=2) if len(xy) > 1 else None
+            if len(xy) > 1:
+                draw.line(xy, fill=colours[j % len(colours)], width=2)
     for j, r in enumerate(runs):
         draw.text((50 + j * 170, H - 30), f'- {r["name"]}', fill=colours[j % len(colours)])
     dnnlib.util.atomic_write(path, lambda fp: img.save(fp, format='PNG'))
