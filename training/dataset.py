@@ -10,6 +10,15 @@ import torch
 
 # ----------------------------------------------------------------------------
 
+def check_network_matches(net, dataset, fix):
+    """One-line error unless the network's resolution, channels and label count are the dataset's; fix: the advice."""
+    got = (net.img_resolution, net.img_channels, net.label_dim)
+    want = (dataset.resolution, dataset.num_channels, dataset.label_dim)
+    if got != want:
+        raise ValueError(f'The teacher is {got[0]}x{got[0]}x{got[1]} with {got[2]} labels, the data {want[0]}x{want[0]}x'
+                         f'{want[1]} with {want[2]} labels; {fix}')
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     def __init__(self,
         path,               # Zip or folder of images, e.g. made by dataset_tool.py.

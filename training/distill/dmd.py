@@ -12,7 +12,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from torch_utils import distributed, misc, training_stats
+from torch_utils import distributed, training_stats
 from training import optim
 from training.batching import IndexStream
 from training.ema import EMA

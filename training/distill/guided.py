@@ -22,6 +22,7 @@ import torch
 
 from torch_utils import distributed, persistence, training_stats
 from training import networks, optim
+from training.dataset import check_network_matches
 from training.ema import EMA
 from training.samplers import edm_sampler, karras_sigma
 
@@ -42,11 +43,7 @@ def check_teacher(teacher, dataset):
         raise ValueError('Guided distillation trains on noised labelled images: pass --data=ZIP|DIR --cond=1')
     if not teacher.label_dim:
         raise ValueError('Guided distillation needs a class-conditional teacher (label_dim > 0); this one is unconditional')
-    got = (teacher.img_resolution, teacher.img_channels, teacher.label_dim)
-    want = (dataset.resolution, dataset.num_channels, dataset.label_dim)
-    if got != want:
-        raise ValueError(f'The teacher is {got[0]}x{got[0]}x{got[1]} with {got[2]} labels, the data {want[0]}x{want[0]}x'
-                         f'{want[1]} with {want[2]} labels; pick matching ones (--cond=1)')
+    check_network_matches(teacher, dataset, 'pick matching ones (--cond=1)')
     if getattr(teacher, 'model', None) is None or getattr(networks, type(teacher).__name__, None) is None:
         raise ValueError(f'Guided distillation builds its student from a training.networks preconditioner, not a '
                          f'{type(teacher).__name__}; pass a network pickle (e.g. toy/default/teacher-unet.pkl, not '

@@ -21,7 +21,8 @@ import torch
 
 import dnnlib
 from torch_utils import distributed, training_stats
-from training import networks, optim
+from training import optim
+from training.dataset import check_network_matches
 from training.ema import EMA
 from training.teacher import EDM
 
@@ -217,11 +218,7 @@ class KD(EDM):
         loss_scaling        = 1,        # loss scaling for fp16 training
         sample_steps        = 18,       # Heun steps of preview samples
     ):
-        got = (teacher.img_resolution, teacher.img_channels, teacher.label_dim)
-        want = (dataset.resolution, dataset.num_channels, dataset.label_dim)
-        if got != want:
-            raise ValueError(f'The teacher is {got[0]}x{got[0]}x{got[1]} with {got[2]} labels, the data '
-                             f'{want[0]}x{want[0]}x{want[1]} with {want[2]} labels; pick matching ones')
+        check_network_matches(teacher, dataset, 'pick matching ones')
         self.device = device
         self.batch_size = batch_size
         self.per_rank_batch = batch_size // distributed.get_world_size()

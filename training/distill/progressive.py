@@ -20,6 +20,7 @@ import torch
 
 from torch_utils import distributed, training_stats
 from training import optim
+from training.dataset import check_network_matches
 from training.ema import EMA
 from training.samplers import euler_sampler, karras_sigma, nested_sigmas
 
@@ -64,11 +65,7 @@ def check_teacher(teacher, dataset, guidance_range):
     """The teacher must match the data (resolution, channels, labels) and take w exactly when w is carried through."""
     if dataset is None:
         raise ValueError('Progressive distillation trains on noised images x + s n: pass --data=ZIP|DIR')
-    got = (teacher.img_resolution, teacher.img_channels, teacher.label_dim)
-    want = (dataset.resolution, dataset.num_channels, dataset.label_dim)
-    if got != want:
-        raise ValueError(f'The teacher is {got[0]}x{got[0]}x{got[1]} with {got[2]} labels, the data {want[0]}x{want[0]}x'
-                         f'{want[1]} with {want[2]} labels; pick matching ones (--cond=1 for a conditional teacher)')
+    check_network_matches(teacher, dataset, 'pick matching ones (--cond=1 for a conditional teacher)')
     takes_w = getattr(getattr(teacher, 'model', None), 'map_guidance_layer', None) is not None
     if takes_w and guidance_range is None:
         raise ValueError('The teacher takes a guidance strength w (a --method=guided student): pass --w-range=MIN,MAX '
