@@ -3,14 +3,13 @@
 import copy
 import json
 import os
-import pickle
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 import train
-from test_dmd import TINY, GaussianDenoiser
+from test_dmd import GaussianDenoiser, teacher_pkl  # noqa: F401 (teacher_pkl: the tiny-teacher fixture)
 from torch_utils import misc, persistence
 from training import training_loop as loop_module
 from training.batching import Round, StepRandom
@@ -136,16 +135,6 @@ def test_bad_recorded_paths(tmp_path):
 
 # ----------------------------------------------------------------------------
 # Through train.py with a tiny EDM teacher: one run records and backtracks; resume is exact in both stages.
-
-@pytest.fixture(scope='module')
-def teacher_pkl(tmp_path_factory):
-    from training.networks import EDMPrecond
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp('teacher') / 'teacher.pkl'
-    with open(path, 'wb') as f:
-        pickle.dump(dict(ema=EDMPrecond(**TINY)), f)
-    return path
-
 
 # Batch 8: stage 1 is 3 steps (N = 3), then 6 generator steps switching every 2: switches at 2 and 4.
 ARGS = ['--method=disback', '--batch=8', '--tick=1', '--seed=1', '--device=cpu', '--lr=1e-4', '--nosubdir',
