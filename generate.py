@@ -17,7 +17,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import persistence
-from training import samplers
+from training import networks, samplers
 
 # ----------------------------------------------------------------------------
 # Command-line helpers.
@@ -66,6 +66,16 @@ def init_and_load(device, network_pkl, allow_code, what):
         if dist.get_rank() == 0:
             dist.barrier()
     return device, net.eval().requires_grad_(False).to(device)
+
+def inference_precision(net, device, precision):
+    """--precision as a backbone precision: 'auto' is EDM's rule (the network's stored use_fp16: fp16 on CUDA)."""
+    if precision != 'auto':
+        return precision
+    return 'fp16' if getattr(net, 'use_fp16', False) and torch.device(device).type == 'cuda' else 'fp32'
+
+
+precision_option = click.option('--precision', help='Backbone precision  [default: auto = the network\'s use_fp16 on CUDA, as EDM]',
+                                type=click.Choice(['auto', 'fp32', 'bf16', 'fp16']), default='auto')
 
 # ----------------------------------------------------------------------------
 # Images.
@@ -172,15 +182,18 @@ def generate_images(net, seeds, outdir, batch=64, device='cpu', subdirs=False, c
 @click.option('--device',                 help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
 @click.option('--trust-pickle',           help='Allow code embedded in the pickle to run (only for files you trust)', is_flag=True)
 @click.option('--guidance',               help='Guidance strength w of a guided-distillation student  [default: 0]', metavar='FLOAT', type=float)
-def main(network_pkl, outdir, seeds, subdirs, class_idx, batch, device, trust_pickle, guidance, **sampler_kwargs):
+@precision_option
+def main(network_pkl, outdir, seeds, subdirs, class_idx, batch, device, trust_pickle, guidance, precision, **sampler_kwargs):
     """Generate images (seeds -> PNGs) with a network; sampler options override the network's sampling spec."""
     device, net = init_and_load(device, network_pkl, trust_pickle, 'network')
+    precision = inference_precision(net, device, precision)
 
-    dist.print0(f'Generating {len(seeds)} images to "{outdir}" with {dist.get_world_size()} process(es)...')
+    dist.print0(f'Generating {len(seeds)} images to "{outdir}" with {dist.get_world_size()} process(es), {precision}...')
     try:
-        generate_images(net, seeds, outdir, batch=batch, device=device, subdirs=subdirs, class_idx=class_idx,
-                        verbose=True, model_kwargs=dict(guidance=guidance) if guidance is not None else None,
-                        **sampler_kwargs)
+        with networks.backbone_precision(precision):
+                generate_images(net, seeds, outdir, batch=batch, device=device, subdirs=subdirs, class_idx=class_idx,
+                            verbose=True, model_kwargs=dict(guidance=guidance) if guidance is not None else None,
+                            **sampler_kwargs)
     except ValueError as e:
         raise click.ClickException(str(e))
     dist.barrier()

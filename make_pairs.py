@@ -11,9 +11,9 @@ import os
 
 import click
 
-from generate import check_class, init_and_load, parse_int_list
+from generate import check_class, inference_precision, init_and_load, parse_int_list, precision_option
 from torch_utils import distributed as dist
-from training import pairs
+from training import networks, pairs
 
 # ----------------------------------------------------------------------------
 
@@ -44,16 +44,18 @@ def _parse_seed_range(ctx, param, value):
 @click.option('--solver',                  help='Ablate ODE solver  [default: heun or spec]', type=click.Choice(['euler', 'heun']))
 @click.option('--device',                  help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
 @click.option('--trust-pickle',            help='Allow code embedded in the pickle to run (only for files you trust)', is_flag=True)
-def main(teacher_pkl, outdir, seeds, shard_size, batch, class_idx, device, trust_pickle, **sampler_kwargs):
+@precision_option
+def main(teacher_pkl, outdir, seeds, shard_size, batch, class_idx, device, trust_pickle, precision, **sampler_kwargs):
     """Write (z, y, label) pair shards of a teacher's deterministic sampler; resumable and torchrun-aware."""
     device, net = init_and_load(device, teacher_pkl, trust_pickle, 'teacher')
     teacher_sha256 = pairs.file_sha256(teacher_pkl)  # the file is local or cached by now
+    precision = inference_precision(net, device, precision)
 
     # Every rank checks the settings and scans the directory before any rank writes to it.
     try:
         check_class(net, class_idx)
         sampler = pairs.deterministic_settings(net, **sampler_kwargs)
-        config = pairs.run_config(net, teacher_pkl, teacher_sha256, sampler, class_idx, shard_size, device)
+        config = pairs.run_config(net, teacher_pkl, teacher_sha256, sampler, class_idx, shard_size, device, precision)
         plan = pairs.shard_plan(seeds[0], seeds[-1], shard_size)
         todo = pairs.shards_to_make(outdir, plan, config)
     except ValueError as e:
@@ -67,7 +69,8 @@ def main(teacher_pkl, outdir, seeds, shard_size, batch, class_idx, device, trust
     for i, (k, shard_seeds) in enumerate(mine):
         dist.print0(f'Shard {k} ({i + 1}/{len(mine)} of rank 0): seeds {shard_seeds[0]}..{shard_seeds[-1]}')
         try:
-            pairs.make_shard(net, outdir, k, shard_seeds, config, batch=batch, device=device)
+            with networks.backbone_precision(precision):
+                pairs.make_shard(net, outdir, k, shard_seeds, config, batch=batch, device=device)
         except ValueError as e:
             raise click.ClickException(f'shard {k}: {e}')
     dist.barrier()

@@ -43,6 +43,20 @@ def next_run_dir(outdir, desc):
     return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
 
 
+def resolve_precision(opts, device):
+    """(precision, loss scaling) of the run: bf16 on CUDA for distillation (DMD2's choice), EDM's --fp16 for
+    teachers, fp32 on the CPU; fp16 scales its losses (dynamic, or EDM's static --ls)."""
+    if opts.fp16 and opts.precision not in (None, 'fp16'):
+        raise click.ClickException(f'--fp16=1 means --precision=fp16, but --precision={opts.precision}; drop one of them')
+    precision = opts.precision or ('fp16' if opts.fp16 else 'bf16' if device.type == 'cuda' and opts.method != 'edm' else 'fp32')
+    if opts.ls is not None and precision != 'fp16':
+        raise click.ClickException(f'--ls is a static fp16 loss scale, but the run is {precision}; drop --ls or use --precision=fp16')
+    if opts.tf32 and device.type != 'cuda':
+        raise click.ClickException('--tf32 applies to CUDA only; drop it on the CPU')
+    opts.precision = precision
+    return precision, (None if precision != 'fp16' else opts.ls or 'dynamic')
+
+
 def open_dataset(data, cond, xflip, cache, max_size=None):
     """Build the dataset keywords and check the data now, before any directory exists."""
     from training.dataset import ImageFolderDataset
@@ -65,7 +79,7 @@ def setup_edm(opts, c, ds):
     if opts.arch not in ('ddpmpp', 'ncsnpp', 'adm'):
         raise click.BadParameter(f'--arch must be ddpmpp, ncsnpp or adm, not "{opts.arch}"')
     net = dnnlib.EasyDict(model_channels=opts.cbase, channel_mult=parse_int_list(opts.cres), dropout=opts.dropout,
-                          use_fp16=opts.fp16)
+                          use_fp16=opts.precision == 'fp16')  # stored as EDM does, for EDM tools that sample it
     if opts.arch == 'ddpmpp':
         net.update(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
                    channel_mult_noise=1, resample_filter=[1, 1], model_channels=opts.cbase or 128,
@@ -91,7 +105,6 @@ def setup_edm(opts, c, ds):
         augment_kwargs=augment_kwargs,
         ema_halflife_kimg=(opts.ema if opts.ema is not None else 0.5) * 1000,
         lr_rampup_kimg=opts.lr_rampup,
-        loss_scaling=opts.ls,
     )
     if opts.transfer is not None:
         c.transfer = opts.transfer
@@ -163,7 +176,6 @@ def setup_kd(opts, c, ds):
         augment_kwargs=augment_kwargs,                          # EDM's augmentation (if the teacher was trained with it)
         ema_halflife_kimg=(opts.ema if opts.ema is not None else 0.5) * 1000,
         lr_rampup_kimg=opts.lr_rampup if rampup_given else 0,  # fine-tuning copied weights: no warm-up by default
-        loss_scaling=opts.ls,
     )
     name = os.path.splitext(os.path.basename(opts.teacher.rstrip('/')))[0]
     return f'{name}-{opts.kd_variant}{f"-k{opts.num_blocks}" if opts.num_blocks else ""}'
@@ -357,8 +369,10 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=se
 @click.option('--lr',            help='Learning rate  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--lr-rampup',     help='Learning-rate warm-up', metavar='KIMG', type=click.FloatRange(min=0), default=10000)
 @click.option('--ema',           help='EMA half-life  [default: varies]', metavar='MIMG', type=click.FloatRange(min=0))
-@click.option('--fp16',          help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False)
-@click.option('--ls',            help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1)
+@click.option('--precision',     help='Precision of every network  [default: bf16 on CUDA for distillation, else fp32]', type=click.Choice(['fp32', 'bf16', 'fp16']))
+@click.option('--fp16',          help='EDM\'s flag: the same as --precision=fp16', metavar='BOOL', type=bool, default=False)
+@click.option('--ls',            help='Static fp16 loss scale, as EDM  [default: dynamic]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--tf32',          help='Allow TF32 matmuls/convolutions on CUDA', metavar='BOOL', type=bool, default=False)
 # In-training metrics.
 @click.option('--metrics',       help='Metrics at each snapshot, e.g. fid10k,fid50k', metavar='LIST', type=str)
 @click.option('--ref',           help='Reference statistics for --metrics (fid.py ref)', metavar='NPZ|URL', type=str)
@@ -398,6 +412,8 @@ def main(**kwargs):
                                    f'(--batch={opts.batch} over {world_size} processes)')
 
     c = dnnlib.EasyDict()
+    c.precision, c.loss_scaling = resolve_precision(opts, device)
+    c.tf32 = opts.tf32
     ds = None
     if opts.data is not None:
         c.dataset_kwargs, ds = open_dataset(opts.data, opts.cond, opts.xflip, opts.cache)
@@ -441,9 +457,8 @@ def main(**kwargs):
     c.seed = opts.seed
 
     # Run directory.
-    dtype = 'fp16' if opts.fp16 else 'fp32'
-    desc = f'{opts.method}-{desc}-gpus{world_size}-batch{opts.batch}-{dtype}' if opts.method != 'edm' else \
-           f'{desc}-gpus{world_size}-batch{opts.batch}-{dtype}'
+    desc = f'{opts.method}-{desc}-gpus{world_size}-batch{opts.batch}-{c.precision}' if opts.method != 'edm' else \
+           f'{desc}-gpus{world_size}-batch{opts.batch}-{c.precision}'
     if opts.desc is not None:
         desc += f'-{opts.desc}'
     if opts.resume is not None:

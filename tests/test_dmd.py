@@ -107,7 +107,7 @@ def test_sigma_grid_range():
 
 def test_two_time_scale_updates_generator_every_k_steps():
     dmd = DMD(GaussianDenoiser(torch.full([1, 2, 2], 0.3), 0.5), 'cpu', batch_size=8, fake_steps=5, ema_halflife_kimg=None)
-    optimizer_steps = lambda opt: int(opt.state[opt.param_groups[0]['params'][0]].get('step', 0))
+    optimizer_steps = lambda u: int(u.optimizer.state[u.params[0]].get('step', 0))
     g_steps, fake_steps = [], []
     for step in range(10):
         dmd.step([Round(None, None, StepRandom(0, step, 8, 'cpu'), 0, 8)], step * 8)

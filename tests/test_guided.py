@@ -142,7 +142,7 @@ class WGainDenoiser(GainDenoiser):
         self.model = torch.nn.Module()
         self.model.map_guidance_layer = torch.nn.Identity()
 
-    def forward(self, x, sigma, class_labels=None, guidance=None):
+    def forward(self, x, sigma, class_labels=None, guidance=None, force_fp32=False):
         w = torch.as_tensor(0.0 if guidance is None else guidance, dtype=torch.float64).reshape(-1, 1, 1, 1)
         return (1 + self.k * w) * super().forward(x, sigma)
 

@@ -318,7 +318,7 @@ def test_fourier_freqs_are_a_buffer():
 # ----------------------------------------------------------------------------
 # The module is embedded in pickles and exec'ed by EDM-derived readers: allowed imports, exec-able, picklable.
 
-def test_module_imports_only_numpy_torch_persistence():
+def test_module_imports_only_stdlib_numpy_torch_persistence():
     tree = ast.parse(Path(networks.__file__).read_text())
     imported = set()
     for node in ast.walk(tree):
@@ -326,7 +326,7 @@ def test_module_imports_only_numpy_torch_persistence():
             imported |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported |= {f'{node.module}.{alias.name}' for alias in node.names}
-    assert imported == {'numpy', 'torch', 'torch.nn.functional', 'torch_utils.persistence'}
+    assert imported == {'contextlib', 'numpy', 'torch', 'torch.nn.functional', 'torch_utils.persistence'}  # stdlib, numpy, torch only
 
 
 def test_module_source_execs_and_matches(monkeypatch):

@@ -98,7 +98,7 @@ def test_pairs_equal_generate_float_output(made, monkeypatch):
                             labels=c_ref[rows].argmax(1).tolist(), sha256=hashlib.sha256(npy.read_bytes()).hexdigest(),
                             teacher=made['pkl'], teacher_sha256=teacher_sha, label_dim=4, shard_size=4,
                             sampler=dict(solver='heun', grid='edm', num_steps=2, sigma_min=0.002, sigma_max=80, rho=7),
-                            rng_device='cpu', latents_sha256=meta['latents_sha256'], **{'class': None})
+                            rng_device='cpu', precision='fp32', latents_sha256=meta['latents_sha256'], **{'class': None})
     # The reader: z and labels regenerated bit-exactly, y as stored.
     z, y, labels = PairSet(made['dir']).get(range(7))
     assert torch.equal(z, z_ref) and torch.equal(labels, c_ref) and np.array_equal(y.numpy(), y16.astype(np.float32))

@@ -21,29 +21,6 @@ def broadcast_module(module, src=0):
             torch.distributed.broadcast(t.data, src=src)
 
 
-@torch.no_grad()
-def sync_grads(params):
-    """Average gradients over ranks in one coalesced all-reduce, then sanitise them (nan -> 0, +-inf -> +-1e5).
-
-    Missing gradients count as zeros so every rank reduces the same buffer layout.
-    """
-    params = [p for p in params if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    if distributed.get_world_size() > 1 and grads:
-        flat = torch.cat([g.flatten() for g in grads])
-        distributed.all_reduce_sum(flat)
-        flat /= distributed.get_world_size()
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-    for g in grads:
-        torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
-
-
 def checksum(module):
     """SHA-256 of all parameters and buffers, for tests that must prove weights changed (or did not)."""
     h = hashlib.sha256()
@@ -51,12 +28,6 @@ def checksum(module):
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def requires_grad(module, flag):
-    for p in module.parameters():
-        p.requires_grad_(flag)
-    return module
 
 
 def all_finite(modules):

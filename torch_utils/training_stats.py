@@ -8,16 +8,19 @@ import torch
 
 from torch_utils import distributed
 
-_moments = {}   # name -> float64 tensor [3]: count, sum, sum of squares
+_moments = {}   # name -> float64 tensor [4]: count of finite values, their sum, sum of squares; non-finite count
 
 # ----------------------------------------------------------------------------
 
 def report(name, value):
-    """Accumulate every element of `value` under `name`; returns `value` so it can be used inline."""
+    """Accumulate every element of `value` under `name`; returns `value` so it can be used inline.
+    Non-finite elements are counted apart (never hidden, never mixed into the mean). No host sync."""
     x = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float64)
     x = x.flatten().to(torch.float64)
-    x = x[torch.isfinite(x)]
-    m = torch.stack([torch.tensor(x.numel(), dtype=torch.float64, device=x.device), x.sum(), x.square().sum()])
+    finite = torch.isfinite(x)
+    n = finite.sum(dtype=torch.float64)
+    x = torch.where(finite, x, 0)
+    m = torch.stack([n, x.sum(), x.square().sum(), x.numel() - n])
     if name in _moments:
         _moments[name] = _moments[name].to(m.device) + m
     else:
@@ -30,12 +33,12 @@ def report0(name, value):
     if distributed.get_rank() == 0:
         report(name, value)
     else:
-        _moments.setdefault(name, torch.zeros(3, dtype=torch.float64))
+        _moments.setdefault(name, torch.zeros(4, dtype=torch.float64))
     return value
 
 
 def collect(device=None):
-    """{name: {'num', 'mean', 'std'}} over all ranks since the last call; resets the accumulators."""
+    """{name: {'num', 'mean', 'std'[, 'nonfinite']}} over all ranks since the last call; resets the accumulators."""
     device = device or distributed.device()
     names = set(_moments)
     if distributed.is_distributed():
@@ -45,14 +48,16 @@ def collect(device=None):
     names = sorted(names)
     if not names:
         return {}
-    zeros = torch.zeros(3, dtype=torch.float64, device=device)
+    zeros = torch.zeros(4, dtype=torch.float64, device=device)
     stacked = torch.stack([_moments[n].to(device) if n in _moments else zeros for n in names])
     distributed.all_reduce_sum(stacked)
     _moments.clear()
     result = {}
-    for name, (num, s, sq) in zip(names, stacked.cpu().tolist()):
-        if num == 0:
+    for name, (num, s, sq, nonfinite) in zip(names, stacked.cpu().tolist()):
+        if num + nonfinite == 0:
             continue
-        mean = s / num
-        result[name] = dict(num=num, mean=mean, std=max(sq / num - mean ** 2, 0) ** 0.5)
+        mean = s / num if num else None  # None (JSON null): every value was non-finite
+        result[name] = dict(num=num, mean=mean, std=max(sq / num - mean ** 2, 0) ** 0.5 if num else None)
+        if nonfinite:
+            result[name]['nonfinite'] = nonfinite
     return result

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import dnnlib
+from training import networks
 
 # torchvision's ImageNet VGG16 (its `features.*` convolutions are LPIPS-VGG's backbone).
 VGG16_URL = 'https://download.pytorch.org/models/vgg16-397923af.pth'
@@ -91,10 +92,12 @@ class LPIPS(torch.nn.Module):
             size = (self.resolution, self.resolution)
             x = F.interpolate(x, size=size, mode='bilinear', align_corners=False)
             y = F.interpolate(y, size=size, mode='bilinear', align_corners=False)
-        # One pass over both batches: the backbone dominates the cost.
-        taps = self.features((torch.cat([x, y]).to(torch.float32) - self.shift) / self.scale)
+        # One pass over both batches (the backbone dominates the cost), in the run's precision; the rest in fp32.
+        with networks.autocast(x.device):
+            taps = self.features((torch.cat([x, y]).to(torch.float32) - self.shift) / self.scale)
         d = 0
         for k, f in enumerate(taps):
+            f = f.to(torch.float32)
             f = f / (f.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)  # unit length along channels
             fx, fy = f.chunk(2)
             d = d + getattr(self, f'lin{k}')((fx - fy).square()).mean(dim=[1, 2, 3])

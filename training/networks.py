@@ -2,8 +2,10 @@
 
 Class names, constructor keywords and state-dict layout follow EDM (Karras et al. 2022), so official weights load
 with `strict=True` and give the same outputs. This module's source is embedded into every pickle it writes and
-executed by EDM-derived readers: it may import only numpy, torch and torch_utils.persistence.
+executed by EDM-derived readers: it may import only the standard library, numpy, torch and torch_utils.persistence.
 """
+
+import contextlib
 
 import numpy as np
 import torch
@@ -488,9 +490,8 @@ def _backbone(model_type, **kwargs):
         raise ValueError(f'Invalid model_type "{model_type}"; use "SongUNet" or "DhariwalUNet"')
     return backbones[model_type](**kwargs)
 
-# Inputs in float32: sigma (scalar or [N]) as [N|1,1,1,1], labels None / zeros [1,label_dim] / [N,label_dim],
-# and the backbone dtype (fp16 only on CUDA with use_fp16, unless force_fp32).
-def _prepare(net, x, sigma, class_labels, force_fp32):
+# Inputs in float32: sigma (scalar or [N]) as [N|1,1,1,1], labels None / zeros [1,label_dim] / [N,label_dim].
+def _prepare(net, x, sigma, class_labels):
     x = x.to(torch.float32)
     sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
     if net.label_dim == 0:
@@ -499,8 +500,41 @@ def _prepare(net, x, sigma, class_labels, force_fp32):
         class_labels = torch.zeros([1, net.label_dim], device=x.device)
     else:
         class_labels = class_labels.to(torch.float32).reshape(-1, net.label_dim)
-    dtype = torch.float16 if (net.use_fp16 and not force_fp32 and x.device.type == 'cuda') else torch.float32
-    return x, sigma, class_labels, dtype
+    return x, sigma, class_labels
+
+# The run's backbone precision, set for every network of this module at once (one setting per run):
+# None keeps EDM's rule (each network's stored use_fp16: its backbone cast to fp16 on CUDA); 'fp32', 'bf16' or
+# 'fp16' run every backbone in that precision (bf16/fp16 by autocast), whatever use_fp16 says. Preconditioning,
+# inputs and outputs stay float32 in every case.
+PRECISIONS = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
+_precision = None
+
+@contextlib.contextmanager
+def backbone_precision(precision):
+    global _precision
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f'Unknown precision "{precision}"; use fp32, bf16 or fp16')
+    prev, _precision = _precision, precision
+    try:
+        yield
+    finally:
+        _precision = prev
+
+# Autocast to the run's precision (a no-op for None and fp32), for other networks of the run (LPIPS).
+def autocast(device):
+    enabled = _precision in ('bf16', 'fp16')
+    return torch.autocast(torch.device(device).type, dtype=PRECISIONS[_precision] if enabled else None, enabled=enabled)
+
+# The backbone on float32 inputs in the run's precision (force_fp32: float32 always); float32 output.
+def _run_backbone(net, x, noise_labels, class_labels, force_fp32, model_kwargs):
+    if force_fp32 or _precision == 'fp32':
+        with torch.autocast(x.device.type, enabled=False):
+            return net.model(x, noise_labels, class_labels=class_labels, **model_kwargs).to(torch.float32)
+    if _precision is None:  # EDM: the stored flag decides
+        dtype = torch.float16 if (net.use_fp16 and x.device.type == 'cuda') else torch.float32
+        return net.model(x.to(dtype), noise_labels, class_labels=class_labels, **model_kwargs).to(torch.float32)
+    with autocast(x.device):
+        return net.model(x, noise_labels, class_labels=class_labels, **model_kwargs).to(torch.float32)
 
 # ----------------------------------------------------------------------------
 # VP preconditioning (Song et al. 2021 "DDPM++ cont. (VP)"), EDM Table 1.
@@ -533,13 +567,13 @@ class VPPrecond(torch.nn.Module):
         self.model = _backbone(model_type, img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x, sigma, class_labels, dtype = _prepare(self, x, sigma, class_labels, force_fp32)
+        x, sigma, class_labels = _prepare(self, x, sigma, class_labels)
         c_skip = 1
         c_out = -sigma
         c_in = 1 / (sigma ** 2 + 1).sqrt()
         c_noise = (self.M - 1) * self.sigma_inv(sigma)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        F_x = _run_backbone(self, c_in * x, c_noise.flatten(), class_labels, force_fp32, model_kwargs)
+        return c_skip * x + c_out * F_x
 
     # sigma(t) of the VP SDE.
     def sigma(self, t):
@@ -580,13 +614,13 @@ class VEPrecond(torch.nn.Module):
         self.model = _backbone(model_type, img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x, sigma, class_labels, dtype = _prepare(self, x, sigma, class_labels, force_fp32)
+        x, sigma, class_labels = _prepare(self, x, sigma, class_labels)
         c_skip = 1
         c_out = sigma
         c_in = 1
         c_noise = (0.5 * sigma).log()
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        F_x = _run_backbone(self, c_in * x, c_noise.flatten(), class_labels, force_fp32, model_kwargs)
+        return c_skip * x + c_out * F_x
 
     # Continuous-time model: any sigma is representable.
     def round_sigma(self, sigma):
@@ -628,13 +662,13 @@ class iDDPMPrecond(torch.nn.Module):
         self.sigma_max = float(u[0])
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x, sigma, class_labels, dtype = _prepare(self, x, sigma, class_labels, force_fp32)
+        x, sigma, class_labels = _prepare(self, x, sigma, class_labels)
         c_skip = 1
         c_out = -sigma
         c_in = 1 / (sigma ** 2 + 1).sqrt()
         c_noise = self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
+        F_x = _run_backbone(self, c_in * x, c_noise.flatten(), class_labels, force_fp32, model_kwargs)
+        return c_skip * x + c_out * F_x[:, :self.img_channels]
 
     # Cosine schedule of the DDPM formulation.
     def alpha_bar(self, j):
@@ -676,13 +710,13 @@ class EDMPrecond(torch.nn.Module):
         self.model = _backbone(model_type, img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
-        x, sigma, class_labels, dtype = _prepare(self, x, sigma, class_labels, force_fp32)
+        x, sigma, class_labels = _prepare(self, x, sigma, class_labels)
         c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)
         c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()
         c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()
         c_noise = sigma.log() / 4
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        F_x = _run_backbone(self, c_in * x, c_noise.flatten(), class_labels, force_fp32, model_kwargs)
+        return c_skip * x + c_out * F_x
 
     # Continuous-time model: any sigma is representable.
     def round_sigma(self, sigma):

@@ -1,26 +1,150 @@
-"""Applying one update: accumulate per-round gradients, average over ranks, clip, step with the scheduled lr."""
+"""Updating one network: per-round gradients summed into one flat buffer, one all-reduce, fp16 loss scaling,
+steps with non-finite gradients skipped on the device and counted, clipping, the optimizer step.
+
+Nothing here waits for the device (no `.item()`): whether a step is skipped is decided inside the fused optimizer
+kernel from a device flag, and counts go to training_stats, which reduces them once per tick.
+"""
+
+import contextlib
+import inspect
 
 import torch
 
 import dnnlib
-from torch_utils import misc
+from torch_utils import distributed, training_stats
+
+# ----------------------------------------------------------------------------
+# fp16 loss scaling of the whole run: None (off: fp32, bf16), 'dynamic', or a float (a static scale, EDM's --ls).
+
+_loss_scaling = None
+
+
+@contextlib.contextmanager
+def loss_scaling(mode):
+    """Updaters constructed inside this block scale their losses (set by the loop for fp16 runs)."""
+    global _loss_scaling
+    prev, _loss_scaling = _loss_scaling, mode
+    try:
+        yield
+    finally:
+        _loss_scaling = prev
+
+
+class LossScaler:
+    """Dynamic loss scale (Micikevicius et al. 2018): halve it on a non-finite gradient, double it after
+    `growth_interval` finite steps in a row. A static scale never changes. All on the device."""
+
+    def __init__(self, device, static=None, init_scale=2.0 ** 16, growth_interval=2000):
+        self.dynamic = static is None
+        self.scale = torch.tensor(float(static or init_scale), device=device)
+        self.good_steps = torch.zeros([], dtype=torch.int64, device=device)
+        self.growth_interval = growth_interval
+
+    def update(self, found_inf):
+        if not self.dynamic:
+            return
+        good = (self.good_steps + 1) * (found_inf == 0)
+        grow = good >= self.growth_interval
+        self.scale = torch.where(found_inf > 0, self.scale * 0.5, torch.where(grow, self.scale * 2, self.scale))
+        self.good_steps = torch.where(grow, 0, good)
+
+    def state_dict(self):
+        return dict(scale=self.scale.cpu(), good_steps=self.good_steps.cpu())
+
+    def load_state_dict(self, state):
+        self.scale = state['scale'].to(self.scale.device)
+        self.good_steps = state['good_steps'].to(self.good_steps.device)
 
 # ----------------------------------------------------------------------------
 
-def make_optimizer(params, class_name='torch.optim.Adam', **kwargs):
-    """Fused/foreach implementations are picked by torch itself for the device the parameters live on."""
-    return dnnlib.util.construct_class_by_name(params=list(params), class_name=class_name, **kwargs)
+class Updater:
+    """One network's optimizer and everything around its step. `backward` accumulates the rounds' losses,
+    `step(lr)` applies the update; the run's fp16 loss scaling applies when it was on at construction."""
 
+    def __init__(self,
+        params,                         # the parameters this updater trains (all of them get gradients)
+        name,                           # for statistics: Health/skipped_<name>, Health/grad_norm_<name>, ...
+        class_name      = 'torch.optim.Adam',
+        max_grad_norm   = None,         # clip the global gradient norm, None = off
+        **opt_kwargs,                   # optimizer keywords (lr, betas, weight_decay, ...)
+    ):
+        self.params = list(params)
+        if len({p.dtype for p in self.params}) != 1:
+            raise ValueError(f'Updater "{name}": parameters of mixed dtypes cannot share one gradient buffer')
+        self.name = name
+        self.max_grad_norm = max_grad_norm
+        device = self.params[0].device
+        cls = dnnlib.util.get_obj_by_name(class_name)
+        # Fused kernels take the skip flag on the device (and are the fastest); else a host sync decides the skip.
+        self.fused = 'fused' in inspect.signature(cls).parameters and device.type in ('cuda', 'cpu')
+        self.optimizer = cls(self.params, **opt_kwargs, **(dict(fused=True) if self.fused else {}))
+        self.scaler = None
+        if _loss_scaling is not None:
+            self.scaler = LossScaler(device, static=None if _loss_scaling == 'dynamic' else _loss_scaling)
+        self.flat = None
 
-def backward_rounds(rounds, loss_fn, per_rank_batch, loss_scaling=1):
-    """Sum over rounds of loss_fn(round).sum() * loss_scaling / per_rank_batch, so that gradients do not
-    depend on how a rank's share of the batch is split into rounds (--batch-gpu). Returns the summed loss."""
-    total = 0
-    for r in rounds:
-        loss = loss_fn(r)
-        loss.sum().mul(loss_scaling / per_rank_batch).backward()
-        total = total + loss.detach().sum()
-    return total
+    def _grad_buffer(self):
+        """Every parameter's .grad is a view into one zeroed flat buffer: backward accumulates into it in place."""
+        if self.flat is None:
+            self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=self.params[0].dtype, device=self.params[0].device)
+            offset = 0
+            for p in self.params:
+                p.grad = self.flat[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+        return self.flat
+
+    def backward(self, rounds, loss_fn, per_rank_batch):
+        """Backpropagate sum over rounds of loss_fn(round).sum() / per_rank_batch (times the loss scale), so that
+        gradients do not depend on how a rank's share of the batch is split into rounds (--batch-gpu)."""
+        self._grad_buffer()
+        factor = 1 / per_rank_batch if self.scaler is None else self.scaler.scale / per_rank_batch
+        for r in rounds:
+            loss_fn(r).sum().mul(factor).backward()
+
+    def step(self, lr):
+        """Average over ranks, unscale, skip if non-finite (counted), clip, step; then free the gradients."""
+        flat = self._grad_buffer()
+        world_size = distributed.get_world_size()
+        if world_size > 1:
+            distributed.all_reduce_sum(flat)
+        flat.mul_(1 / world_size if self.scaler is None else 1 / (self.scaler.scale * world_size))
+        norm = torch.linalg.vector_norm(flat)
+        found_inf = (~torch.isfinite(norm)).to(torch.float32)
+        if self.max_grad_norm is not None:
+            flat.mul_((self.max_grad_norm / (norm + 1e-6)).clamp(max=1))
+        for g in self.optimizer.param_groups:
+            g['lr'] = lr
+        if self.fused:
+            self.optimizer.found_inf = found_inf  # the fused kernel leaves weights, moments and step count alone
+            self.optimizer.step()
+        elif not found_inf:  # host sync: only for optimizers without a fused kernel
+            self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update(found_inf)
+            training_stats.report(f'Health/loss_scale_{self.name}', self.scaler.scale)
+        training_stats.report(f'Health/skipped_{self.name}', found_inf)
+        training_stats.report(f'Health/grad_norm_{self.name}', norm)
+        for p in self.params:
+            p.grad = None
+        self.flat = None
+
+    def reset(self):
+        """Fresh optimizer moments (e.g. a new training stage)."""
+        self.optimizer.state.clear()
+
+    def state_dict(self):
+        state = dict(optimizer=self.optimizer.state_dict())
+        if self.scaler is not None:
+            state['scaler'] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state['optimizer'])
+        if self.scaler is not None:
+            if 'scaler' not in state:
+                raise ValueError('The training state has no fp16 loss scale: it was written by a run in another '
+                                 'precision; resume with that run\'s --precision')
+            self.scaler.load_state_dict(state['scaler'])
 
 
 def rampup_lr(lr, cur_nimg, rampup_kimg):
@@ -28,18 +152,3 @@ def rampup_lr(lr, cur_nimg, rampup_kimg):
     if rampup_kimg > 0:
         return lr * min(cur_nimg / max(rampup_kimg * 1000, 1e-8), 1)
     return lr
-
-
-def step(optimizer, params, lr, loss_scaling=1, max_grad_norm=None):
-    """Average gradients over ranks, undo loss scaling, sanitise, clip, step, zero."""
-    params = [p for p in params if p.requires_grad]
-    misc.sync_grads(params)
-    if loss_scaling != 1:
-        for p in params:
-            p.grad.div_(loss_scaling)
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    for g in optimizer.param_groups:
-        g['lr'] = lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)

@@ -117,9 +117,9 @@ def to_float16(y):
     return y
 
 
-def run_config(net, teacher, teacher_sha256, sampler, class_idx, shard_size, device):
+def run_config(net, teacher, teacher_sha256, sampler, class_idx, shard_size, device, precision='fp32'):
     """The sidecar entries shared by all shards of a run."""
-    return dict(format=FORMAT, teacher=teacher, teacher_sha256=teacher_sha256, sampler=dict(sampler),
+    return dict(format=FORMAT, teacher=teacher, teacher_sha256=teacher_sha256, sampler=dict(sampler), precision=precision,
                 label_dim=int(net.label_dim), **{'class': class_idx}, shard_size=int(shard_size),
                 rng_device=torch.device(device).type,
                 image_shape=[int(net.img_channels), int(net.img_resolution), int(net.img_resolution)])

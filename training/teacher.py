@@ -23,7 +23,6 @@ class EDM:
         ema_halflife_kimg   = 500,      # EMA half-life in thousands of images
         ema_rampup_ratio    = 0.05,     # EMA half-life ramp-up, None = off
         lr_rampup_kimg      = 10000,    # learning-rate warm-up
-        loss_scaling        = 1,        # loss scaling for fp16 training
         transfer            = None,     # network whose weights initialise ours (fine-tuning)
         teacher             = None,     # unused: teacher training starts from scratch
         sample_steps        = 18,       # Heun steps of preview samples
@@ -38,23 +37,19 @@ class EDM:
             self.net.load_state_dict(transfer.state_dict())
         self.loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
         self.augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
-        opt_kwargs = dict(optimizer_kwargs)
-        self.lr = opt_kwargs.pop('lr')
-        self.optimizer = optim.make_optimizer(self.net.parameters(), lr=self.lr, **opt_kwargs)
+        self.lr = optimizer_kwargs['lr']
+        self.optimizer = optim.Updater(self.net.parameters(), 'net', **optimizer_kwargs)  # EDM does not clip gradients
         self.ema = EMA(self.net, ema_halflife_kimg, ema_rampup_ratio)
         self.lr_rampup_kimg = lr_rampup_kimg
-        self.loss_scaling = loss_scaling
         self.sample_steps = sample_steps
-        self.max_grad_norm = None  # EDM does not clip gradients
 
     def _loss(self, r):
         """One round's per-pixel loss (the caller sums it)."""
         return training_stats.report('Loss/loss', self.loss_fn(self.net, r.images, r.labels, self.augment_pipe, rnd=r))
 
     def step(self, rounds, cur_nimg):
-        optim.backward_rounds(rounds, self._loss, self.per_rank_batch, self.loss_scaling)
-        lr = optim.rampup_lr(self.lr, cur_nimg, self.lr_rampup_kimg)
-        optim.step(self.optimizer, self.net.parameters(), lr, self.loss_scaling, max_grad_norm=self.max_grad_norm)
+        self.optimizer.backward(rounds, self._loss, self.per_rank_batch)
+        self.optimizer.step(optim.rampup_lr(self.lr, cur_nimg, self.lr_rampup_kimg))
         self.ema.update(cur_nimg + self.batch_size, self.batch_size)
 
     def networks(self):

@@ -21,6 +21,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed, misc, persistence, training_stats
+from training import networks, optim
 from training.batching import IndexStream, RankSampler, Round, StepRandom
 
 # ----------------------------------------------------------------------------
@@ -107,6 +108,19 @@ def _truncate_stats(path, max_nimg):
 # ----------------------------------------------------------------------------
 
 def training_loop(
+    precision           = None,     # every network's backbone: 'fp32', 'bf16', 'fp16' (autocast), None = EDM's use_fp16 rule
+    loss_scaling        = None,     # fp16: 'dynamic' or a static scale (EDM's --ls); None = off
+    tf32                = False,    # allow TF32 in float32 matmuls/convolutions on CUDA
+    **kwargs,                       # the loop's settings, see _training_loop
+):
+    """The whole run, every network and optimizer of it, in one precision."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    with networks.backbone_precision(precision), optim.loss_scaling(loss_scaling):
+        return _training_loop(**kwargs)
+
+
+def _training_loop(
     run_dir             = '.',      # output directory (only rank 0 writes)
     method_kwargs       = {},       # class_name + keywords of the method (training.teacher.EDM, training.distill.dmd.DMD, ...)
     dataset_kwargs      = None,     # training.dataset.ImageFolderDataset keywords, or None for data-free methods
@@ -132,8 +146,6 @@ def training_loop(
     world_size = distributed.get_world_size()
     rank = distributed.get_rank()
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 training means fp32: bf16/fp16 are explicit options
-    torch.backends.cudnn.allow_tf32 = False
     per_rank = batch_size // world_size
     batch_gpu = batch_gpu or per_rank
     num_rounds = per_rank // batch_gpu

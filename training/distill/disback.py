@@ -106,7 +106,7 @@ class DisBack(DMD):
     def _start_backtracking(self):
         """Stage 2 begins: s_phi = s'_N (already the fake score), fresh optimizer moments, target s'_{N-1}."""
         self.stage = 2
-        self.opt_fake.state.clear()
+        self.opt_fake.reset()
         distributed.barrier()  # rank 0 has written the path before any rank reads it
         self._set_node(self.num_nodes - 1)
 

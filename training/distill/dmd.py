@@ -86,7 +86,6 @@ class DMD:
         self.sigma_init = float(sigma_init)
         self.lr = lr
         self.fake_lr = fake_lr if fake_lr is not None else lr
-        self.max_grad_norm = max_grad_norm
         self.fake_steps = fake_steps
         self.fake_sigma = fake_sigma
         self.preview_sigma = preview_sigma
@@ -127,10 +126,9 @@ class DMD:
             self.head = GANHead(self.bottleneck.value.shape[1]).to(device)
 
         fake_params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
-        adamw = dict(class_name='torch.optim.AdamW', betas=tuple(betas), weight_decay=weight_decay)
-        self.opt_G = optim.make_optimizer(self.G.parameters(), lr=self.lr, **adamw)
-        self.opt_fake = optim.make_optimizer(fake_params, lr=self.fake_lr, **adamw)
-        self.fake_params = fake_params
+        adamw = dict(class_name='torch.optim.AdamW', betas=tuple(betas), weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+        self.opt_G = optim.Updater(self.G.parameters(), 'G', lr=self.lr, **adamw)
+        self.opt_fake = optim.Updater(fake_params, 'fake', lr=self.fake_lr, **adamw)
         self.num_steps = 0      # loop steps = fake-score updates
         self.num_g_steps = 0    # generator updates
 
@@ -151,7 +149,7 @@ class DMD:
         sigma = self.sigma_grid[r.randint(f'{name}_t', len(self.sigma_grid))]
         x_s = x + sigma.view(-1, 1, 1, 1) * r.randn(f'{name}_n', *self.img_shape)
         D = self.fake(x_s, sigma, labels)
-        return self.head(self.bottleneck.value), D, sigma
+        return self.head(self.bottleneck.value.to(torch.float32)), D, sigma  # the head runs in fp32 (DMD2)
 
     # ------------------------------------------------------------------------
     # One step: a generator update every `fake_steps` steps, then a fake-score update on G's samples.
@@ -182,8 +180,8 @@ class DMD:
                     loss = loss + self.gan_g_weight * training_stats.report('Loss/G_gan', F.softplus(-f_fake))
                 return training_stats.report('Loss/G_total', loss)
 
-            optim.backward_rounds(list(enumerate(rounds)), lambda ir: generator_loss(*ir), self.per_rank_batch)
-            optim.step(self.opt_G, self.G.parameters(), self.lr, max_grad_norm=self.max_grad_norm)
+            self.opt_G.backward(list(enumerate(rounds)), lambda ir: generator_loss(*ir), self.per_rank_batch)
+            self.opt_G.step(self.lr)
             self.fake.requires_grad_(True)
             if self.head is not None:
                 self.head.requires_grad_(True)
@@ -218,8 +216,8 @@ class DMD:
             gan = training_stats.report('Loss/D_gan', F.softplus(f_fake) + F.softplus(-f_real))
             return loss + self.gan_d_weight * gan
 
-        optim.backward_rounds(list(enumerate(rounds)), lambda ir: fake_loss(*ir), self.per_rank_batch)
-        optim.step(self.opt_fake, self.fake_params, self.fake_lr, max_grad_norm=self.max_grad_norm)
+        self.opt_fake.backward(list(enumerate(rounds)), lambda ir: fake_loss(*ir), self.per_rank_batch)
+        self.opt_fake.step(self.fake_lr)
 
     def distribution_matching_loss(self, x, r, c):
         """0.5 * |x - sg(x - grad)|^2 averaged per sample, so that d loss / d x = grad / numel (gradient injection)."""

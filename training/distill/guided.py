@@ -107,17 +107,15 @@ class GuidedDistillation:
         self.teacher = teacher
         self.guide = guide
         self.guidance_range = guidance_range
-        opt_kwargs = dict(optimizer_kwargs)
-        self.lr = opt_kwargs.pop('lr')
+        self.lr = optimizer_kwargs['lr']
         self.lr_rampup_kimg = lr_rampup_kimg
-        self.max_grad_norm = max_grad_norm
         self.grid = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
         self.sample_guidance = sample_guidance
         self.sample_steps = sample_steps
 
         # Eval mode throughout: no dropout, no label dropout.
         self.student = make_guided_student(teacher).eval().requires_grad_(True)
-        self.optimizer = optim.make_optimizer(self.student.parameters(), lr=self.lr, **opt_kwargs)
+        self.optimizer = optim.Updater(self.student.parameters(), 'student', max_grad_norm=max_grad_norm, **optimizer_kwargs)
         self.ema = EMA(self.student, ema_halflife_kimg, ema_rampup_ratio) if ema_halflife_kimg is not None else None
 
     def step(self, rounds, cur_nimg):
@@ -133,9 +131,8 @@ class GuidedDistillation:
             weight = ((sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2).reshape(-1, 1, 1, 1)
             return training_stats.report('Loss/loss', weight * (D - target) ** 2)
 
-        optim.backward_rounds(rounds, loss_fn, self.per_rank_batch)
-        lr = optim.rampup_lr(self.lr, cur_nimg, self.lr_rampup_kimg)
-        optim.step(self.optimizer, self.student.parameters(), lr, max_grad_norm=self.max_grad_norm)
+        self.optimizer.backward(rounds, loss_fn, self.per_rank_batch)
+        self.optimizer.step(optim.rampup_lr(self.lr, cur_nimg, self.lr_rampup_kimg))
         if self.ema is not None:
             self.ema.update(cur_nimg + self.batch_size, self.batch_size)
 

@@ -215,7 +215,6 @@ class KD(EDM):
         ema_rampup_ratio    = 0.05,     # EMA half-life ramp-up, None = off
         lr_rampup_kimg      = 0,        # learning-rate warm-up
         max_grad_norm       = None,     # gradient clipping, None = off
-        loss_scaling        = 1,        # loss scaling for fp16 training
         sample_steps        = 18,       # Heun steps of preview samples
     ):
         check_network_matches(teacher, dataset, 'pick matching ones')
@@ -228,17 +227,14 @@ class KD(EDM):
         self.loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
         takes_augment = getattr(teacher.model, 'map_augment', None) is not None  # only teachers trained with augment labels
         self.augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs and takes_augment else None
-        opt_kwargs = dict(optimizer_kwargs)
-        self.lr = opt_kwargs.pop('lr')
-        self.optimizer = optim.make_optimizer(self.net.parameters(), lr=self.lr, **opt_kwargs)
+        self.lr = optimizer_kwargs['lr']
+        self.optimizer = optim.Updater(self.net.parameters(), 'net', max_grad_norm=max_grad_norm, **optimizer_kwargs)
         self.ema = EMA(self.net, ema_halflife_kimg, ema_rampup_ratio)
         self.lambda_out = lambda_out
         self.lambda_feat = lambda_feat
         self.feat_norm = feat_norm
         self.sigma_data = sigma_data
         self.lr_rampup_kimg = lr_rampup_kimg
-        self.max_grad_norm = max_grad_norm
-        self.loss_scaling = loss_scaling
         self.sample_steps = sample_steps
 
     # One round's per-sample loss; the per-pixel means times the image size follow EDM's sum over pixels.

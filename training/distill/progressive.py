@@ -44,7 +44,7 @@ def round_schedule(start_steps, end_steps, round_kimg, final_round_kimg, batch_s
 
 def euler_step(net, x, sigma, sigma_next, labels=None, model_kwargs={}):
     """One Euler (DDIM) step of dx/ds = (x - D)/s in float64, written as samplers.euler_sampler does (exact at s' = 0)."""
-    D = net(x, sigma, labels, **model_kwargs).to(torch.float64)
+    D = net(x, sigma, labels, force_fp32=True, **model_kwargs).to(torch.float64)  # the target stays fp32 in any --precision
     ratio = (sigma_next / sigma).to(torch.float64).reshape(-1, 1, 1, 1)
     return D + ratio * (x - D)
 
@@ -108,9 +108,8 @@ class ProgressiveDistillation:
         self.grid = dict(sigma_min=max(sigma_min, float(teacher.sigma_min)), sigma_max=min(sigma_max, float(teacher.sigma_max)),
                          rho=rho)
         self.schedule = round_schedule(start_steps, end_steps, round_kimg, final_round_kimg, batch_size)
-        self.optimizer_kwargs = dict(optimizer_kwargs)
-        self.lr = self.optimizer_kwargs.pop('lr')
-        self.max_grad_norm = max_grad_norm
+        self.optimizer_kwargs = dict(optimizer_kwargs, max_grad_norm=max_grad_norm)
+        self.lr = optimizer_kwargs['lr']
         self.guidance_range = guidance_range
         self.sample_guidance = sample_guidance
         self.ema_teacher = ema_teacher
@@ -125,7 +124,7 @@ class ProgressiveDistillation:
 
     # Fresh optimizer, EMA restarted from the student, the round's grid.
     def _reset_round(self):
-        self.optimizer = optim.make_optimizer(self.student.parameters(), lr=self.lr, **self.optimizer_kwargs)
+        self.optimizer = optim.Updater(self.student.parameters(), 'student', **self.optimizer_kwargs)
         if self.ema is not None:
             self.ema.reset()
         N = self.num_steps
@@ -180,9 +179,8 @@ class ProgressiveDistillation:
             weight = (1 / sigma ** 2 + 1 / self.sigma_data ** 2).to(torch.float32).reshape(-1, 1, 1, 1)
             return training_stats.report('Loss/loss', weight * (D - target.to(torch.float32)) ** 2)
 
-        optim.backward_rounds(rounds, loss_fn, self.per_rank_batch)
-        lr = self.lr * (1 - self.round_step / self.schedule[self.round][1])  # linear decay to 0 within the round
-        optim.step(self.optimizer, self.student.parameters(), lr, max_grad_norm=self.max_grad_norm)
+        self.optimizer.backward(rounds, loss_fn, self.per_rank_batch)
+        self.optimizer.step(self.lr * (1 - self.round_step / self.schedule[self.round][1]))  # linear decay to 0 within the round
         self.round_step += 1
         if self.ema is not None:
             self.ema.update(self.round_step * self.batch_size, self.batch_size)
