@@ -215,6 +215,13 @@ def make_shard(net, outdir, k, seeds, config, batch=64, device='cpu'):
 # ----------------------------------------------------------------------------
 # Reading pairs.
 
+def _to(t, device):
+    """Host to device without waiting for the device (pinned memory, non-blocking copy): get() is in the G step."""
+    if device.type == 'cuda' and t.device.type == 'cpu':
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class PairSet:
     """The complete shards of a pair directory: `get(indices)` -> (z, y, one-hot labels or None) on `device`."""
 
@@ -275,15 +282,23 @@ class PairSet:
         raise ValueError(f'Pairs in "{self.path}" were made with --device={rng_device}; their latents can only be '
                          f'regenerated there: read them on {rng_device}, or remake them with --device=cpu')
 
-    # The first seed of each shard must regenerate to the latents (and label) the shard was made from.
+    # The first seed of each shard must regenerate to the latents the shard was made from, and every seed to its
+    # stored label (checked here, once, so that get() in the training step never reads the device back).
     def _check_latents(self, meta, name):
-        seed = meta['seeds'][0]
-        _rnd, z, classes = seed_inputs([seed], meta['shape'][1], meta['shape'][2], meta['label_dim'],
-                                       self._rng_device(meta['rng_device']))
-        label_ok = meta['class'] is not None or classes is None or int(classes[0]) == meta['labels'][0]
-        if latents_sha256(z[0]) != meta['latents_sha256'] or not label_ok:
-            raise ValueError(f'Seed {seed} of {name} regenerates different latents here than when the pairs were made '
-                             f'(another {meta["rng_device"]} random generator); remake the pairs on this machine')
+        seeds = list(range(meta['seeds'][0], meta['seeds'][1] + 1))
+        _rnd, z, _classes = seed_inputs(seeds[:1], meta['shape'][1], meta['shape'][2], meta['label_dim'],
+                                        self._rng_device(meta['rng_device']))
+        if latents_sha256(z[0]) != meta['latents_sha256']:
+            raise ValueError(f'Seed {seeds[0]} of {name} regenerates different latents here than when the pairs were '
+                             f'made (another {meta["rng_device"]} random generator); remake the pairs on this machine')
+        if meta['label_dim'] and meta['class'] is None:
+            for i in range(0, len(seeds), 1000):
+                _rnd, _z, classes = seed_inputs(seeds[i:i + 1000], meta['shape'][1], meta['shape'][2], meta['label_dim'],
+                                                self._rng_device(meta['rng_device']))
+                bad = np.nonzero(classes.cpu().numpy() != np.asarray(meta['labels'][i:i + 1000]))[0]
+                if bad.size:
+                    raise ValueError(f'Labels regenerated from the seeds differ from those stored in {name} (seed '
+                                     f'{seeds[i + bad[0]]}); remake the pairs on this machine')
 
     def get(self, indices):
         """Pairs at global indices (any order, repeats allowed): z, y float32 [n,C,H,W], one-hot labels or None."""
@@ -304,16 +319,12 @@ class PairSet:
             if self.label_dim:
                 classes[rows] = np.asarray(self._labels[s], dtype=np.int64)[idx[rows] - self._starts[s]]
         seeds = self.seeds[idx].tolist()
-        _rnd, z, drawn = seed_inputs(seeds, self.channels, self.resolution, self.label_dim,
-                                     self._rng_device(self.rng_device), self.class_idx)
-        labels = None
-        if self.label_dim:
-            # Stored labels are the ones y was made with; the regenerated ones must agree.
-            if not np.array_equal(drawn.cpu().numpy(), classes):
-                raise ValueError(f'Labels regenerated from the seeds differ from those stored in "{self.path}"; '
-                                 f'remake the pairs on this machine')
-            labels = torch.eye(self.label_dim, device=self.device)[torch.from_numpy(classes).to(self.device)]
-        return z.to(self.device), torch.from_numpy(y).to(self.device, torch.float32), labels
+        _rnd, z, _classes = seed_inputs(seeds, self.channels, self.resolution, self.label_dim,
+                                        self._rng_device(self.rng_device), self.class_idx)
+        # The stored labels, which y was made with (the regenerated ones agree: checked per shard on opening).
+        labels = torch.eye(self.label_dim)[torch.from_numpy(classes)] if self.label_dim else None
+        return _to(z, self.device), _to(torch.from_numpy(y), self.device).to(torch.float32), \
+            _to(labels, self.device) if labels is not None else None
 
     def check_teacher(self, net):
         """The pairs must fit the network being distilled: resolution, channels and label_dim."""

@@ -239,8 +239,8 @@ def _training_loop(
                 images = labels = None
                 if data_iter is not None:
                     images, labels = next(data_iter)
-                    images = images.to(device).to(torch.float32) / 127.5 - 1
-                    labels = labels.to(device)
+                    images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1  # pinned: no host wait
+                    labels = labels.to(device, non_blocking=True)
                 rounds.append(Round(images, labels, rand, rank * per_rank + i * batch_gpu, batch_gpu))
             method.step(rounds, cur_nimg)
             cur_nimg += batch_size

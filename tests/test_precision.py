@@ -1,0 +1,275 @@
+"""One precision per run: backbone autocast, fp16 loss scaling, skipped non-finite steps, the options, exact resume
+in fp16, no host syncs inside a step, and the GPU check command's CPU rehearsal (every method in bf16 and fp16)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import train
+from dataset_tool import save_dataset
+from torch_utils import training_stats
+from training import networks, optim
+from training import training_loop as loop_module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'bench'))
+import gpu_check  # noqa: E402
+
+ADM = dict(img_channels=3, label_dim=0, model_type='DhariwalUNet', model_channels=16, channel_mult=[1, 2], num_blocks=1,
+           attn_resolutions=[], dropout=0, use_fp16=True)  # an ADM-style network whose stored flag asks for fp16
+
+
+def adm(resolution, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return gpu_check.randomize_weights_(networks.EDMPrecond(img_resolution=resolution, **ADM), seed)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+# ----------------------------------------------------------------------------
+# The backbone precision.
+
+def test_backbone_precision_governs_every_network_whatever_use_fp16():
+    net = adm(8)
+    x, sigma = torch.randn([4, 3, 8, 8], generator=torch.Generator().manual_seed(1)), torch.full([4], 1.5)
+    conv_dtypes = []
+    net.model.enc['8x8_conv'].register_forward_hook(lambda m, i, o: conv_dtypes.append(o.dtype))
+    ref = net(x, sigma)  # EDM's rule on the CPU: fp32 although use_fp16 is set
+    for precision, dtype in [('fp32', torch.float32), ('bf16', torch.bfloat16), ('fp16', torch.float16)]:
+        with networks.backbone_precision(precision):
+            y = net(x, sigma)
+            y_fp32 = net(x, sigma, force_fp32=True)
+        assert y.dtype == torch.float32 and conv_dtypes[-2] == dtype and conv_dtypes[-1] == torch.float32
+        assert torch.equal(y_fp32, ref)
+        err = rel_err(y, ref)
+        assert (err == 0) == (precision == 'fp32') and err < 0.05, (precision, err)
+    with pytest.raises(ValueError, match='fp32, bf16 or fp16'):
+        with networks.backbone_precision('tf32'):
+            pass
+
+
+def test_fp16_underflow_without_loss_scaling_and_its_cure():
+    """The review's finding, reproduced: DMD's loss is a mean over C*H*W, so at ImageNet-64's per-GPU batch of 35
+    and a median |grad| of 0.1 the gradient reaching the backbone output is ~2e-7 per element, subnormal in fp16.
+    Same per-element size here on a 16x16 ADM: fp16 without scaling is far off fp32; a 2^16 loss scale cures it."""
+    net, B = adm(16), 8
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn([B, 3, 16, 16], generator=g)
+    dm_grad = torch.randn([B, 3, 16, 16], generator=g) * 0.1 * (3 * 16 * 16 * B) / (3 * 64 * 64 * 35)
+
+    def loss_fn(_):  # gradient injection, as DMD's distribution-matching loss
+        x = net(z * 2.5, torch.full([B], 2.5))
+        return 0.5 * (x - (x.detach() - dm_grad)).square().mean(dim=[1, 2, 3])
+
+    def gradient(precision, scaling):
+        with networks.backbone_precision(precision), optim.loss_scaling(scaling):
+            u = optim.Updater(net.parameters(), 'G', lr=0)
+            u.backward([0], loss_fn, B)
+            grad = u.flat / (u.scaler.scale if u.scaler is not None else 1)
+            u.flat = None
+        for p in net.parameters():
+            p.grad = None
+        return grad
+
+    ref = gradient('fp32', None)
+    assert rel_err(gradient('fp16', None), ref) > 0.5          # measured 3.3 (cosine 0.40)
+    assert rel_err(gradient('fp16', 'dynamic'), ref) < 0.01    # measured 0.0026
+    assert rel_err(gradient('bf16', None), ref) < 0.05         # measured 0.021: bf16 has fp32's exponent range
+
+# ----------------------------------------------------------------------------
+# The updater: loss scale, skipped steps, equivalence with a plain optimizer step.
+
+def test_loss_scaler_backs_off_grows_and_static_stays():
+    s = optim.LossScaler('cpu', init_scale=8.0, growth_interval=2)
+    seen = []
+    for found_inf in [0, 0, 1, 0, 1, 0, 0, 0]:
+        s.update(torch.tensor(float(found_inf)))
+        seen.append(float(s.scale))
+    assert seen == [8, 16, 8, 8, 4, 4, 8, 8]
+    restored = optim.LossScaler('cpu')
+    restored.load_state_dict(s.state_dict())
+    assert float(restored.scale) == 8 and int(restored.good_steps) == 1
+    static = optim.LossScaler('cpu', static=128.0)
+    static.update(torch.tensor(1.0))
+    assert float(static.scale) == 128
+
+
+@pytest.mark.parametrize('class_name', ['torch.optim.AdamW', 'torch.optim.RMSprop'])  # fused kernel; host-side skip
+def test_updater_skips_nonfinite_steps_and_counts_them(class_name):
+    lin = torch.nn.Linear(3, 2)
+    u = optim.Updater(lin.parameters(), 'net', class_name=class_name, lr=0.1)
+    before = [p.detach().clone() for p in lin.parameters()]
+    x = torch.tensor([[1.0, float('nan'), 0.0]])
+    training_stats.collect()
+    u.backward([0], lambda _: lin(x).sum(dim=1), 1)
+    u.step(0.1)
+    assert all(torch.equal(a, b) for a, b in zip(before, lin.parameters()))
+    assert all(not s or float(s.get('step', 0)) == 0 for s in u.optimizer.state.values())
+    u.backward([0], lambda _: lin(torch.ones([1, 3])).sum(dim=1), 1)
+    u.step(0.1)
+    assert not torch.equal(before[0], lin.weight)
+    stats = training_stats.collect()
+    assert stats['Health/skipped_net']['num'] == 2 and stats['Health/skipped_net']['mean'] == 0.5
+    assert stats['Health/grad_norm_net']['num'] == 1 and stats['Health/grad_norm_net']['nonfinite'] == 1
+
+
+def test_updater_equals_accumulated_clipped_adamw():
+    """Two rounds into the flat buffer, clipping, fused AdamW == one backward, clip_grad_norm_, torch's AdamW."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn([6, 4])
+    u = optim.Updater(a.parameters(), 'a', class_name='torch.optim.AdamW', lr=0.01, weight_decay=0.01, max_grad_norm=0.5)
+    opt = torch.optim.AdamW(b.parameters(), lr=0.01, weight_decay=0.01, foreach=False)
+    for _ in range(3):
+        u.backward([x[:2], x[2:]], lambda xs: a(xs).square().sum(dim=1), 6)
+        u.step(0.01)
+        (b(x).square().sum(dim=1).sum() / 6).backward()
+        torch.nn.utils.clip_grad_norm_(b.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+# ----------------------------------------------------------------------------
+# train.py: the option, its defaults and refusals, the run directory name, training_options.json.
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    rng = np.random.default_rng(0)
+    save_dataset(str(root / 'cond.zip'), [rng.integers(0, 256, [8, 8, 3], dtype=np.uint8) for _ in range(16)],
+                 [i % 4 for i in range(16)])
+    return root / 'cond.zip'
+
+
+EDM_ARGS = ['--cond=1', '--arch=adm', '--cbase=16', '--cres=1', '--batch=8', '--tick=0.008', '--snap=1', '--dump=1',
+            '--seed=1', '--device=cpu', '--lr-rampup=0', '--dropout=0', '--augment=0']
+
+
+@pytest.mark.parametrize('args, precision, scaling, use_fp16', [
+    ([], 'fp32', None, False),                              # CPU default
+    (['--fp16=1'], 'fp16', 'dynamic', True),                # EDM's flag
+    (['--precision=fp16', '--ls=128'], 'fp16', 128, True),  # EDM's static loss scale
+    (['--precision=bf16'], 'bf16', None, False),
+])
+def test_cli_precision_recorded(data, tmp_path, args, precision, scaling, use_fp16):
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path}', f'--data={data}', '--duration=0.000008', *EDM_ARGS, *args],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    (run_dir,) = os.listdir(tmp_path)
+    assert run_dir.endswith(f'-{precision}')
+    options = json.load(open(tmp_path / run_dir / 'training_options.json'))
+    assert options['precision'] == precision and options['loss_scaling'] == scaling and options['tf32'] is False
+    assert options['method_kwargs']['network_kwargs']['use_fp16'] == use_fp16
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--fp16=1', '--precision=bf16'], '--fp16=1 means --precision=fp16'),
+    (['--ls=128'], '--ls is a static fp16 loss scale'),
+    (['--tf32=1'], '--tf32 applies to CUDA only'),
+])
+def test_cli_precision_refusals(data, tmp_path, args, message):
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "runs"}', f'--data={data}', *EDM_ARGS, *args])
+    assert r.exit_code != 0 and message in r.output
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_fp16_resume_is_bitwise_exact_with_the_loss_scale(data, tmp_path):
+    """EDM's loss overflows fp16 at the initial 2^16 scale: steps are skipped and the scale backs off; a resumed run
+    restores the scale and its counter, and ends bitwise equal to an uninterrupted one."""
+    common = [f'--data={data}', '--nosubdir', '--precision=fp16', *EDM_ARGS]
+    run = lambda outdir, kimg, *extra: CliRunner().invoke(train.main, [f'--outdir={outdir}', f'--duration={kimg}', *common,
+                                                                        *extra], catch_exceptions=False)
+    assert run(tmp_path / 'full', 0.000032).exit_code == 0
+    assert run(tmp_path / 'part', 0.000016).exit_code == 0
+    assert run(tmp_path / 'part', 0.000032, f'--resume={tmp_path / "part"}').exit_code == 0
+    a = torch.load(loop_module.find_latest_state(str(tmp_path / 'full')), weights_only=True)['method']
+    b = torch.load(loop_module.find_latest_state(str(tmp_path / 'part')), weights_only=True)['method']
+    assert a['optimizer']['scaler']['scale'] < 2 ** 16  # backed off: the restored value is not the initial one
+    assert torch.equal(a['optimizer']['scaler']['scale'], b['optimizer']['scaler']['scale'])
+    assert torch.equal(a['optimizer']['scaler']['good_steps'], b['optimizer']['scaler']['good_steps'])
+    for k in a['net']:
+        assert torch.equal(a['net'][k], b['net'][k]), k
+    stats = [json.loads(l) for l in open(tmp_path / 'full' / 'stats.jsonl')]
+    assert sum(s['Health/skipped_net']['mean'] * s['Health/skipped_net']['num'] for s in stats) >= 1
+
+# ----------------------------------------------------------------------------
+# No host-device synchronisation inside a step.
+
+class CountSyncs:
+    """Counts calls that would wait for the device on CUDA (values read on the host, data-dependent shapes)."""
+    NAMES = ['item', 'tolist', '__bool__', '__float__', '__int__', 'numpy', 'nonzero', '__format__', '__repr__']
+
+    def __enter__(self):
+        self.calls, self.saved = [], {}
+        for name in self.NAMES:
+            self.saved[name] = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, self._counting(name, self.saved[name]))
+        self.saved['__getitem__'] = torch.Tensor.__getitem__
+        getitem = self.saved['__getitem__']
+
+        def masked_getitem(t, idx):  # boolean-mask indexing has a data-dependent shape
+            if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
+                self.calls.append('bool index')
+            return getitem(t, idx)
+        torch.Tensor.__getitem__ = masked_getitem
+        return self
+
+    def _counting(self, name, fn):
+        def wrapper(*args, **kwargs):
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+@pytest.fixture(scope='module')
+def rehearsal_inputs(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp('gpu-check'))
+    device = torch.device('cpu')
+    config = gpu_check.TINY['imagenet64']
+    return dict(workdir=workdir, config=config, lpips=gpu_check.write_lpips_weights(workdir),
+                paths=gpu_check.write_inputs(workdir, 'imagenet64', config, device))
+
+
+@pytest.mark.parametrize('method', gpu_check.METHODS)
+def test_no_host_sync_inside_a_training_step(rehearsal_inputs, method):
+    c = rehearsal_inputs
+    with networks.backbone_precision('fp16'), optim.loss_scaling('dynamic'):
+        m = gpu_check.build_method(method, c['config'], c['paths'], c['lpips'], torch.device('cpu'), 4, c['workdir'], 32)
+        from training.dataset import ImageFolderDataset
+        dataset = ImageFolderDataset(path=c['paths']['data'], use_labels=True)
+        for step in range(4):
+            rounds = gpu_check.rounds_for(step, dataset, 4, torch.device('cpu'))
+            with CountSyncs() as counter:
+                m.step(rounds, step * 4)
+            assert counter.calls == [], (method, step, counter.calls)
+    training_stats.collect()
+
+# ----------------------------------------------------------------------------
+# The GPU check command, rehearsed on the CPU: every method, both configurations, every precision, the CLI paths.
+
+def test_gpu_check_cpu_rehearsal(tmp_path):
+    out = tmp_path / 'rows.json'
+    p = subprocess.run([sys.executable, 'bench/gpu_check.py', '--device=cpu', '--tiny', '--batch=4', '--steps=3',
+                        f'--workdir={tmp_path / "work"}', f'--json={out}'], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.load(open(out))
+    cells = {(r['method'], r['config'], r['precision']) for r in rows if r['part'] == '1' and r['result'] == 'pass'}
+    assert cells == {(m, c, p) for m in gpu_check.METHODS for c in gpu_check.TINY for p in gpu_check.PRECISIONS}
+    assert all(r['grad_diff'] <= gpu_check.GRAD_TOL[r['precision']] for r in rows if r['part'] == '1')
+    assert {r['method'] for r in rows if r['part'] == '2'} == {'train.py dmd x1', 'train.py dmd x2',
+                                                               '1 vs 2 processes, G', 'generate.py + fid.py'}
