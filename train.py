@@ -105,9 +105,8 @@ def setup_dmd(opts, c, ds):
         raise click.ClickException('--method=dmd needs --teacher=PKL|URL (an EDM network pickle)')
     if opts.gan_g > 0 and ds is None:
         raise click.ClickException('--gan-g > 0 trains a GAN head on real images: pass --data=ZIP|DIR')
-    reg_kwargs = dnnlib.EasyDict()
+    reg_kwargs = dnnlib.EasyDict()  # LPIPS: the method upsamples to DMD's 224 by default
     if opts.reg_loss == 'lpips':
-        reg_kwargs.update(resolution=224)  # DMD: LPIPS on images upsampled to 224
         if opts.lpips_vgg is not None:
             reg_kwargs.vgg = opts.lpips_vgg
         if opts.lpips_lin is not None:
@@ -120,6 +119,7 @@ def setup_dmd(opts, c, ds):
         max_grad_norm=opts.grad_clip if opts.grad_clip is not None else 10,  # DMD: global norm 10
         lr_rampup_kimg=opts.lr_rampup or 0,                     # learning-rate warm-up (DMD2: see README)
         fake_steps=opts.fake_steps,                             # DMD2 two-time-scale rule
+        fake_sigma=opts.fake_sigma,                             # fake-score noise levels: Karras grid or log-normal
         pairs=opts.pairs,                                       # regression pairs (make_pairs.py)
         reg_weight=opts.reg_weight,                             # regression loss weight
         reg_loss=opts.reg_loss,                                 # regression distance
@@ -329,6 +329,7 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=se
 # DMD / DMD2.
 @click.option('--sigma-init',    help='DMD: generator input noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80)
 @click.option('--fake-steps',    help='DMD2: fake-score updates per generator update', metavar='INT', type=click.IntRange(min=1), default=1)
+@click.option('--fake-sigma',    help='DMD: fake-score noise levels, Karras grid (DMD) or EDM\'s log-normal', type=click.Choice(['karras', 'lognormal']), default='karras')
 @click.option('--fake-lr',       help='DMD: fake-score learning rate  [default: --lr]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--pairs',         help='DMD: regression pairs directory (make_pairs.py)', metavar='DIR', type=str)
 @click.option('--reg-weight',    help='DMD: regression loss weight', metavar='FLOAT', type=click.FloatRange(min=0), default=0.25)
