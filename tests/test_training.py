@@ -175,6 +175,7 @@ def test_cli_short_run_and_generate(data, tmp_path):
     (['--data={uncond}', '--cond=1'], 'no labels'),
     (['--data={cond}', '--batch=8', '--batch-gpu=3'], '--batch-gpu=3'),
     ([], 'needs --data'),
+    (['--data={cond}', '--grad-clip=1'], 'drop --grad-clip'),
 ])
 def test_cli_bad_input_creates_nothing(data, tmp_path, args, message):
     args = [a.format(cond=data / 'cond.zip', uncond=data / 'uncond.zip') for a in args]
