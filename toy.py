@@ -83,11 +83,12 @@ def build(outdir, problem_kwargs, num_images, fit_kimg, fit_kwargs, net_kwargs, 
                 net=net_kwargs)
     if fit_steps > 0:
         torch.manual_seed(seed)
-        net = EDMPrecond(img_resolution=R, img_channels=gmm.img_channels, label_dim=K, **net_kwargs)
+        net = EDMPrecond(img_resolution=R, img_channels=gmm.img_channels, label_dim=K,
+                         label_dropout=fit_kwargs['p_uncond'], **net_kwargs)  # recorded: the zero label is unconditional
         num_params = sum(p.numel() for p in net.parameters())
         log(f'Fitting a {num_params / 1e6:.2f}M-parameter {net_kwargs["model_type"]} to D* for {fit_steps} steps...')
         t0 = time.time()
-        net.train().requires_grad_(True)
+        net.requires_grad_(True)
         for step, loss in toy.fit_denoiser(net, gmm, num_steps=fit_steps, seed=seed + 1, **fit_kwargs):
             if (step + 1) % max(fit_steps // 10, 1) == 0 or step + 1 == fit_steps:
                 log(f'  step {step + 1:6d}/{fit_steps}  loss {loss:.5f}  {dnnlib.util.format_time(time.time() - t0)}')

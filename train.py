@@ -78,6 +78,8 @@ def open_dataset(data, cond, xflip, cache, max_size=None):
 def setup_edm(opts, c, ds):
     if opts.arch not in ('ddpmpp', 'ncsnpp', 'adm'):
         raise click.BadParameter(f'--arch must be ddpmpp, ncsnpp or adm, not "{opts.arch}"')
+    if opts.grad_clip is not None:
+        raise click.ClickException('--method=edm does not clip gradients (as EDM); drop --grad-clip')
     net = dnnlib.EasyDict(model_channels=opts.cbase, channel_mult=parse_int_list(opts.cres), dropout=opts.dropout,
                           use_fp16=opts.precision == 'fp16')  # stored as EDM does, for EDM tools that sample it
     if opts.arch == 'ddpmpp':
@@ -104,7 +106,7 @@ def setup_edm(opts, c, ds):
         optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr or 10e-4, betas=[0.9, 0.999], eps=1e-8),
         augment_kwargs=augment_kwargs,
         ema_halflife_kimg=(opts.ema if opts.ema is not None else 0.5) * 1000,
-        lr_rampup_kimg=opts.lr_rampup,
+        lr_rampup_kimg=opts.lr_rampup if opts.lr_rampup is not None else 10000,  # EDM: 10 Mimg
     )
     if opts.transfer is not None:
         c.transfer = opts.transfer
@@ -116,9 +118,8 @@ def setup_dmd(opts, c, ds):
         raise click.ClickException('--method=dmd needs --teacher=PKL|URL (an EDM network pickle)')
     if opts.gan_g > 0 and ds is None:
         raise click.ClickException('--gan-g > 0 trains a GAN head on real images: pass --data=ZIP|DIR')
-    reg_kwargs = dnnlib.EasyDict()
+    reg_kwargs = dnnlib.EasyDict()  # LPIPS: the method upsamples to DMD's 224 by default
     if opts.reg_loss == 'lpips':
-        reg_kwargs.update(resolution=224)  # DMD: LPIPS on images upsampled to 224
         if opts.lpips_vgg is not None:
             reg_kwargs.vgg = opts.lpips_vgg
         if opts.lpips_lin is not None:
@@ -128,8 +129,10 @@ def setup_dmd(opts, c, ds):
         sigma_init=opts.sigma_init,                             # generator input noise level
         lr=opts.lr or 5e-5,                                     # generator learning rate
         fake_lr=opts.fake_lr,                                   # fake-score learning rate (None = lr)
-        max_grad_norm=opts.grad_clip,                           # gradient clipping
+        max_grad_norm=opts.grad_clip if opts.grad_clip is not None else 10,  # DMD: global norm 10
+        lr_rampup_kimg=opts.lr_rampup or 0,                     # learning-rate warm-up (DMD2: see README)
         fake_steps=opts.fake_steps,                             # DMD2 two-time-scale rule
+        fake_sigma=opts.fake_sigma,                             # fake-score noise levels: Karras grid or log-normal
         pairs=opts.pairs,                                       # regression pairs (make_pairs.py)
         reg_weight=opts.reg_weight,                             # regression loss weight
         reg_loss=opts.reg_loss,                                 # regression distance
@@ -163,7 +166,6 @@ def setup_kd(opts, c, ds):
     if opts.augment:  # the KD method uses it only if the teacher takes augment labels
         augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', p=opts.augment, xflip=1e8, yflip=1,
                                          scale=1, rotate_frac=1, aniso=1, translate_frac=1)
-    rampup_given = click.get_current_context().get_parameter_source('lr_rampup') != click.core.ParameterSource.DEFAULT
     c.method_kwargs = dnnlib.EasyDict(
         class_name='training.distill.kd.KD',
         variant=opts.kd_variant,                                # student: base, small or tiny
@@ -175,7 +177,8 @@ def setup_kd(opts, c, ds):
         optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr or 1e-4, betas=[0.9, 0.999], eps=1e-8),
         augment_kwargs=augment_kwargs,                          # EDM's augmentation (if the teacher was trained with it)
         ema_halflife_kimg=(opts.ema if opts.ema is not None else 0.5) * 1000,
-        lr_rampup_kimg=opts.lr_rampup if rampup_given else 0,  # fine-tuning copied weights: no warm-up by default
+        lr_rampup_kimg=opts.lr_rampup or 0,                     # fine-tuning copied weights: no warm-up by default
+        max_grad_norm=opts.grad_clip,                           # gradient clipping (BK-SDM: 1), None = off
     )
     name = os.path.splitext(os.path.basename(opts.teacher.rstrip('/')))[0]
     return f'{name}-{opts.kd_variant}{f"-k{opts.num_blocks}" if opts.num_blocks else ""}'
@@ -205,8 +208,11 @@ def setup_pd(opts, c, ds):
     from training.distill.progressive import round_schedule
     if opts.teacher is None or ds is None:
         raise click.ClickException('--method=pd needs --teacher=PKL|URL and --data=ZIP|DIR (the images it noises)')
-    round_kimg = opts.round_kimg if opts.round_kimg is not None else 50000 * opts.batch / 1000  # paper: 50k updates
-    final_kimg = opts.final_round_kimg if opts.final_round_kimg is not None else 2 * round_kimg
+    round_kimg = opts.round_kimg if opts.round_kimg is not None else 50000 * opts.batch / 1000  # official: 50k updates
+    final_kimg = opts.final_round_kimg if opts.final_round_kimg is not None else round_kimg  # official: every round
+    if opts.lr_rampup is not None:
+        raise click.ClickException('--method=pd has no lr warm-up (each round decays linearly from --lr to 0, as the '
+                                   'official configs); drop --lr-rampup')
     try:
         schedule = round_schedule(opts.start_steps, opts.end_steps, round_kimg, final_kimg, opts.batch)
     except ValueError as e:
@@ -232,7 +238,8 @@ def setup_pd(opts, c, ds):
         round_kimg=round_kimg,                                  # length of a halving round
         final_round_kimg=final_kimg,                            # length of the rounds to 2 and 1 steps
         optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr or 5e-5, betas=[0.9, 0.999], eps=1e-8),
-        max_grad_norm=opts.grad_clip if _given('grad_clip') else None,  # paper: no clipping
+        max_grad_norm=opts.grad_clip if opts.grad_clip is not None else 1.0,  # official: global norm 1
+        weight=opts.pd_weight,                                  # loss weight: truncated SNR (official) or EDM's
         ema_halflife_kimg=opts.ema * 1000 if opts.ema else None,  # paper: no EMA
         ema_teacher=opts.ema_teacher,                           # the EMA becomes the next teacher
         guidance_range=w_range,                                 # w carried through (a --method=guided teacher)
@@ -257,11 +264,13 @@ def setup_guided(opts, c, ds):
             guided.check_teacher(teacher, ds)
         except (OSError, ValueError) as e:
             raise click.ClickException(f'--teacher: {e}')
-        if opts.guide != 'null':
-            try:
+        try:
+            if opts.guide == 'null':
+                guided.check_null_guide(teacher)
+            else:
                 guided.check_guide(load(opts.guide), teacher)
-            except (OSError, ValueError) as e:
-                raise click.ClickException(f'--guide: {e}')
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f'--guide: {e}')
     if not _given('duration'):
         opts.duration = 20  # our default for this fine-tuning (Mimg), not a paper setting
     c.method_kwargs = dnnlib.EasyDict(
@@ -270,8 +279,8 @@ def setup_guided(opts, c, ds):
         trust_pickle=opts.trust_pickle,                         # for the guide pickle
         guidance_range=_w_range(opts.w_range) or [0.0, 4.0],    # w ~ U[w_min, w_max]
         optimizer_kwargs=dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.lr or 1e-4, betas=[0.9, 0.999], eps=1e-8),
-        lr_rampup_kimg=opts.lr_rampup if _given('lr_rampup') else 0,  # fine-tuning copied weights: no warm-up
-        max_grad_norm=opts.grad_clip if _given('grad_clip') else None,
+        lr_rampup_kimg=opts.lr_rampup or 0,                     # fine-tuning copied weights: no warm-up
+        max_grad_norm=opts.grad_clip,                           # gradient clipping, None = off
         ema_halflife_kimg=(opts.ema if opts.ema is not None else 0.5) * 1000 or None,
     )
     name = os.path.splitext(os.path.basename(opts.teacher.rstrip('/')))[0]
@@ -332,6 +341,7 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=se
 # DMD / DMD2.
 @click.option('--sigma-init',    help='DMD: generator input noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80)
 @click.option('--fake-steps',    help='DMD2: fake-score updates per generator update', metavar='INT', type=click.IntRange(min=1), default=1)
+@click.option('--fake-sigma',    help='DMD: fake-score noise levels, Karras grid (DMD) or EDM\'s log-normal', type=click.Choice(['karras', 'lognormal']), default='karras')
 @click.option('--fake-lr',       help='DMD: fake-score learning rate  [default: --lr]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--pairs',         help='DMD: regression pairs directory (make_pairs.py)', metavar='DIR', type=str)
 @click.option('--reg-weight',    help='DMD: regression loss weight', metavar='FLOAT', type=click.FloatRange(min=0), default=0.25)
@@ -340,7 +350,7 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=se
 @click.option('--lpips-lin',     help='DMD: LPIPS linear heads (vgg.pth)  [default: official URL]', metavar='PTH|URL', type=str)
 @click.option('--gan-g',         help='DMD2: GAN generator loss weight (0 = no GAN head; paper 3e-3)', metavar='FLOAT', type=click.FloatRange(min=0), default=0)
 @click.option('--gan-d',         help='DMD2: GAN classifier loss weight', metavar='FLOAT', type=click.FloatRange(min=0), default=1e-2)
-@click.option('--grad-clip',     help='Gradient clipping (distillation methods)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=10)
+@click.option('--grad-clip',     help='Gradient clipping at this global norm  [default: dmd 10, pd 1, kd/guided none]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 # KD (compression by knowledge distillation, BK-SDM).
 @click.option('--kd-variant',    help='KD: student (base: fewer blocks; small: also no in0/in1; tiny: also no lowest level)', type=click.Choice(['base', 'small', 'tiny']), default='base')
 @click.option('--num-blocks',    help='KD: residual blocks per level  [default: half the teacher\'s, rounded up]', metavar='INT', type=click.IntRange(min=1))
@@ -351,10 +361,11 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=se
 @click.option('--start-steps',   help='PD: Euler steps of the first teacher (halved each round)', metavar='INT', type=click.IntRange(min=2), default=256)
 @click.option('--end-steps',     help='PD: steps of the last student', metavar='INT', type=click.IntRange(min=1), default=1)
 @click.option('--round-kimg',    help='PD: length of a halving round  [default: 50k updates]', metavar='KIMG', type=click.FloatRange(min=0, min_open=True))
-@click.option('--final-round-kimg', help='PD: length of the rounds to 2 and 1 steps  [default: 2x --round-kimg]', metavar='KIMG', type=click.FloatRange(min=0, min_open=True))
+@click.option('--final-round-kimg', help='PD: length of the rounds to 2 and 1 steps  [default: --round-kimg]', metavar='KIMG', type=click.FloatRange(min=0, min_open=True))
+@click.option('--pd-weight',     help='PD: loss weight, max(1/s^2, 1) (official) or EDM\'s 1/s^2 + 1/sd^2', type=click.Choice(['snr-trunc', 'edm']), default='snr-trunc')
 @click.option('--ema-teacher',   help='PD: the EMA (--ema) becomes the next teacher', metavar='BOOL', type=bool, default=False)
 @click.option('--w-range',       help='Guided: w ~ U[MIN,MAX]  [default: 0,4]; PD: carry w of a guided teacher', metavar='MIN,MAX', type=str)
-@click.option('--guide',         help='Guided: D_u = null (teacher, zero label), or an uncond./weaker network', metavar='null|PKL|URL', type=str, default='null')
+@click.option('--guide',         help='Guided: D_u, an uncond./weaker network, or null (the teacher\'s zero label; needs label dropout)', metavar='PKL|URL|null', type=str, default='null')
 # DisBack (on top of the DMD options).
 @click.option('--path',          help='DisBack: recorded path (a stage-1 run directory): skip stage 1', metavar='DIR', type=str)
 @click.option('--stage1-kimg',   help='DisBack: stage 1 (path recording) duration, part of --duration', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=200)
@@ -367,7 +378,7 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=se
 @click.option('--batch',         help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512)
 @click.option('--batch-gpu',     help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
 @click.option('--lr',            help='Learning rate  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--lr-rampup',     help='Learning-rate warm-up', metavar='KIMG', type=click.FloatRange(min=0), default=10000)
+@click.option('--lr-rampup',     help='Learning-rate warm-up  [default: edm 10000, else 0; pd: none]', metavar='KIMG', type=click.FloatRange(min=0))
 @click.option('--ema',           help='EMA half-life  [default: varies]', metavar='MIMG', type=click.FloatRange(min=0))
 @click.option('--precision',     help='Precision of every network  [default: bf16 on CUDA for distillation, else fp32]', type=click.Choice(['fp32', 'bf16', 'fp16']))
 @click.option('--fp16',          help='EDM\'s flag: the same as --precision=fp16', metavar='BOOL', type=bool, default=False)

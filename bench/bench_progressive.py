@@ -51,7 +51,7 @@ def build_teacher(workdir, fit_steps, log):
         with open(path, 'rb') as f:
             return persistence.load(f)['ema'], gmm
     torch.manual_seed(0)
-    net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=10, **NET).train().requires_grad_(True)
+    net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=10, label_dropout=0.1, **NET).requires_grad_(True)
     t0 = time.time()
     for step, loss in toy.fit_denoiser(net, gmm, num_steps=fit_steps, batch_size=128, p_uncond=0.1, seed=1):
         if (step + 1) % 250 == 0:
@@ -80,9 +80,11 @@ def measure(net, ref, num, **sampler_kwargs):
 # ----------------------------------------------------------------------------
 
 def bench_pd(teacher, gmm, ref, opts, log):
-    rounds = dict(round_kimg=opts.round_steps * opts.batch / 1000, final_round_kimg=opts.final_round_steps * opts.batch / 1000)
+    final_steps = opts.final_round_steps or opts.round_steps  # as the official configs: every round equally long
+    rounds = dict(round_kimg=opts.round_steps * opts.batch / 1000, final_round_kimg=final_steps * opts.batch / 1000)
     method = ProgressiveDistillation(teacher, torch.device('cpu'), opts.batch, DATASET, start_steps=16, end_steps=1,
-                                     optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=opts.lr), **rounds)
+                                     optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=opts.lr), weight=opts.pd_weight,
+                                     **rounds)
     euler = lambda N: dict(solver='euler', grid='nested', num_steps=N)
     rows = []
     step = 0
@@ -141,8 +143,9 @@ def bench_guided(teacher, gmm, opts, log):
 @click.option('--fit-steps',         help='Teacher fitting steps (batch 128)', metavar='INT', type=click.IntRange(min=1), default=1500, show_default=True)
 @click.option('--batch',             help='Distillation batch', metavar='INT', type=click.IntRange(min=1), default=128, show_default=True)
 @click.option('--lr',                help='Adam learning rate (PD: decays linearly to 0 each round)', metavar='FLOAT', type=float, default=1e-3, show_default=True)
-@click.option('--round-steps',       help='PD updates of the rounds to 8 and 4 steps', metavar='INT', type=click.IntRange(min=1), default=300, show_default=True)
-@click.option('--final-round-steps', help='PD updates of the rounds to 2 and 1 steps', metavar='INT', type=click.IntRange(min=1), default=600, show_default=True)
+@click.option('--round-steps',       help='PD updates per round', metavar='INT', type=click.IntRange(min=1), default=300, show_default=True)
+@click.option('--final-round-steps', help='PD updates of the rounds to 2 and 1 steps  [default: --round-steps]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--pd-weight',         help='PD loss weight', type=click.Choice(['snr-trunc', 'edm']), default='snr-trunc', show_default=True)
 @click.option('--guided-steps',      help='Guided stage-one updates', metavar='INT', type=click.IntRange(min=1), default=1200, show_default=True)
 @click.option('--guided-ema',        help='Guided student EMA half-life, 0 = none', metavar='KIMG', type=click.FloatRange(min=0), default=10, show_default=True)
 @click.option('--eval-w',            help='Guidance strengths to evaluate', metavar='LIST', type=str, default='0,1,2,4', show_default=True)

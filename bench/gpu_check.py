@@ -48,11 +48,11 @@ GRAD_TOL = dict(fp32=0, bf16=0.15, fp16=0.05)  # relative L2 error of the first 
 
 # Dropout 0: the first-step gradients of two precisions then differ by precision alone (same weights, same streams).
 CONFIGS = dict(cifar10=dict(kd.TEACHER_CONFIGS['cifar10'], dropout=0), imagenet64=dict(kd.TEACHER_CONFIGS['imagenet64'], dropout=0))
-TINY = dict(  # the same architectures, shrunk for the CPU
-    cifar10=dict(CONFIGS['cifar10'], img_resolution=8, label_dim=4, model_channels=16, channel_mult=[1, 1], num_blocks=2,
-                 attn_resolutions=[4]),
-    imagenet64=dict(CONFIGS['imagenet64'], img_resolution=8, label_dim=4, model_channels=16, channel_mult=[1, 2],
-                    num_blocks=2, attn_resolutions=[4]),
+TINY = dict(  # the same architectures, shrunk for the CPU (16x16: the GAN head needs an 8x8 bottleneck)
+    cifar10=dict(CONFIGS['cifar10'], img_resolution=16, label_dim=4, model_channels=8, channel_mult=[1, 1], num_blocks=2,
+                 attn_resolutions=[8]),
+    imagenet64=dict(CONFIGS['imagenet64'], img_resolution=16, label_dim=4, model_channels=8, channel_mult=[1, 2],
+                    num_blocks=2, attn_resolutions=[8]),
 )
 
 # ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 
 import dnnlib
 from torch_utils import persistence
-from training import augment
+from training import augment, loss
 from training.augment import AugmentPipe
 from training.batching import Round, StepRandom
 
@@ -305,11 +305,13 @@ def test_pickle_round_trip_preserves_kwargs_and_behaviour(monkeypatch):
     assert torch.equal(y1, y2) and torch.equal(l1, l2)
 
 
-def test_module_imports_only_what_embedded_source_may_use():
-    tree = ast.parse(inspect.getsource(augment))
-    names = {a.name.split('.')[0] for node in tree.body if isinstance(node, ast.Import) for a in node.names}
-    names |= {node.module.split('.')[0] for node in tree.body if isinstance(node, ast.ImportFrom)}
-    assert names == {'numpy', 'torch', 'torch_utils'}
+@pytest.mark.parametrize('module', [augment, loss])
+def test_module_imports_only_what_embedded_source_may_use(module):
+    """Anywhere in the module, also inside functions: EDM's readers exec it beside their own `training` package."""
+    tree = ast.parse(inspect.getsource(module))
+    names = {a.name.split('.')[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    names |= {node.module.split('.')[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert names <= {'numpy', 'torch', 'torch_utils'}, names
 
 
 def test_bad_input_raises_clear_errors():

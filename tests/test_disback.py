@@ -39,6 +39,16 @@ def loaded(path):
     net.load_state_dict(torch.load(path, weights_only=True), strict=True)
     return net
 
+def test_lr_warm_up_restarts_with_stage_two(tmp_path):
+    """lr_rampup_kimg warms up stage 1's auxiliary score, then both networks again from the start of stage 2
+    (whose fake-score optimizer starts afresh)."""
+    db = gaussian_disback(run_dir=str(tmp_path), path_nodes=2, path_steps=2, lr_rampup_kimg=0.128, fake_lr=2e-2)
+    lrs = []
+    for step in range(5):
+        one_step(db, step)
+        lrs.append((db.opt_G.optimizer.param_groups[0]['lr'], db.opt_fake.optimizer.param_groups[0]['lr']))
+    assert lrs == pytest.approx([(1e-2, 0), (1e-2, 1e-2), (0, 0), (0, 1e-2), (0, 2e-2)])
+
 # ----------------------------------------------------------------------------
 # The closed-form problem: Gaussian data, exact teacher, Gaussian fake score, affine generator.
 

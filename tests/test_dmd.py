@@ -9,15 +9,20 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 import generate
+import make_pairs
 import train
+from dataset_tool import save_dataset
+from test_distances import weight_files  # noqa: F401 (a fixture: LPIPS weight files)
 from torch_utils import persistence
 from training import training_loop as loop_module
-from training.batching import Round, StepRandom
+from training.batching import IndexStream, Round, StepRandom
 from training.dataset import ImageFolderDataset
-from training.distill.dmd import DMD
+from training.distill import dmd as dmd_module
+from training.distill.dmd import DMD, Bottleneck, GANHead
 
 # ----------------------------------------------------------------------------
 # Gaussian denoisers with the preconditioner interface.
@@ -213,3 +218,141 @@ def test_in_training_fid_equals_fid_of_generated_images(teacher_pkl, tmp_path):
     mu, sigma = metrics.compute_feature_stats(ImageFolderDataset(str(tmp_path / 'images')), metrics.pixels_detector)
     expected = metrics.frechet_distance(mu, sigma, mu_ref, a @ a.T)
     assert lines[0]['value'] == pytest.approx(expected, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# DMD2's GAN head, the bottleneck pass, and the smaller options.
+
+def test_gan_head_is_dmd2s_classifier_and_sees_every_bottleneck_position():
+    """conv4x4/2 p1 - GN - SiLU - conv4x4/4 p0 - GN - SiLU - conv1x1: an 8x8 bottleneck reduces to 1x1 and every one
+    of its 64 positions reaches the logit through the convolutions (not only through GroupNorm statistics)."""
+    torch.manual_seed(0)
+    head = GANHead(32)
+    h = torch.randn([2, 32, 8, 8], requires_grad=True)
+    conv1, gn1, _, conv2, gn2, _, conv3 = head.net
+    y = F.silu(F.group_norm(F.conv2d(h, conv1.weight, conv1.bias, stride=2, padding=1), 8, gn1.weight, gn1.bias))
+    y = F.conv2d(y, conv2.weight, conv2.bias, stride=4, padding=0)
+    assert y.shape == (2, 32, 1, 1)
+    y = F.conv2d(F.silu(F.group_norm(y, 8, gn2.weight, gn2.bias)), conv3.weight, conv3.bias)
+    torch.testing.assert_close(head(h), y.flatten())
+    head.net[1] = head.net[4] = torch.nn.Identity()
+    head(h).sum().backward()
+    assert (h.grad.abs().sum(dim=[0, 1]) > 0).all(), h.grad.abs().sum(dim=[0, 1])
+
+
+def tiny_edm(channel_mult=(1,), label_dim=4):
+    from golden import fill_golden_weights
+    from training.networks import EDMPrecond
+    net = EDMPrecond(**dict(TINY, channel_mult=list(channel_mult), label_dim=label_dim))
+    return fill_golden_weights(net, 0).eval()
+
+
+def test_bottleneck_pass_stops_before_the_decoder():
+    """The GAN pass returns the lowest-resolution encoder output of a full forward, and no decoder block runs."""
+    net = tiny_edm()
+    full, decoder_calls = [], []
+    enc_last = list(net.model.enc.values())[-1]
+    enc_last.register_forward_hook(lambda m, args, out: full.append(out))
+    for block in net.model.dec.values():
+        block.register_forward_hook(lambda m, args, out: decoder_calls.append(1))
+    bottleneck = Bottleneck(net)
+    g = torch.Generator().manual_seed(0)
+    x, sigma, c = torch.randn([3, 3, 8, 8], generator=g), torch.tensor([0.5, 2.0, 20.0]), torch.eye(4)[[0, 1, 3]]
+    D = net(x, sigma, c)  # a plain call is untouched by the bottleneck hook
+    assert D.shape == x.shape and len(decoder_calls) == len(net.model.dec) and len(full) == 1
+    decoder_calls.clear()
+    h = bottleneck(x, sigma, c)
+    assert torch.equal(h, full[0]) and h.shape == (3, 16, 8, 8) and not decoder_calls
+    assert h.requires_grad  # the partial graph is kept for the GAN losses
+    assert torch.equal(net(x, sigma, c), D) and decoder_calls  # and disarmed again
+
+
+def test_gan_head_needs_an_8x8_bottleneck():
+    with pytest.raises(ValueError, match='at least 8x8.*4x4'):
+        DMD(tiny_edm(channel_mult=(1, 1)), 'cpu', batch_size=4, dataset=object(), gan_g_weight=3e-3)
+
+
+def test_fake_score_lognormal_noise_levels():
+    """fake_sigma='lognormal': EDM's ln s ~ N(-1.2, 1.2^2), one level per sample."""
+    dmd = DMD(GaussianDenoiser(torch.zeros(1, 2, 2), 0.5), 'cpu', batch_size=8, fake_sigma='lognormal',
+              ema_halflife_kimg=None)
+    seen = []
+    dmd.fake.register_forward_hook(lambda m, args, out: seen.append(args[1]))
+    r = Round(None, None, StepRandom(0, 0, 8, 'cpu'), 0, 8)
+    dmd.fake_step([r], [torch.zeros(8, 1, 2, 2)], 0)
+    torch.testing.assert_close(seen[0], (r.randn('fake_t') * 1.2 - 1.2).exp())
+    with pytest.raises(ValueError, match='fake_sigma'):
+        DMD(GaussianDenoiser(torch.zeros(1, 2, 2), 0.5), 'cpu', batch_size=8, fake_sigma='uniform')
+
+
+def test_lr_warm_up_of_both_networks():
+    """lr_rampup_kimg: both optimizers step with lr * min(images seen / (rampup * 1000), 1)."""
+    dmd = DMD(GaussianDenoiser(torch.zeros(1, 2, 2), 0.5), 'cpu', batch_size=8, lr=1e-3, fake_lr=2e-3,
+              lr_rampup_kimg=0.032, ema_halflife_kimg=None)
+    lrs = []
+    for step in range(6):
+        dmd.step([Round(None, None, StepRandom(0, step, 8, 'cpu'), 0, 8)], step * 8)
+        lrs.append((dmd.opt_G.optimizer.param_groups[0]['lr'], dmd.opt_fake.optimizer.param_groups[0]['lr']))
+    assert lrs == pytest.approx([(1e-3 * f, 2e-3 * f) for f in [0, 0.25, 0.5, 0.75, 1, 1]])
+
+
+@pytest.fixture(scope='module')
+def pairs_dir(teacher_pkl, tmp_path_factory):
+    out = tmp_path_factory.mktemp('pairs') / 'pairs'
+    r = CliRunner().invoke(make_pairs.main, [f'--teacher={teacher_pkl}', f'--outdir={out}', '--seeds=0-7', '--steps=2',
+                                             '--batch=8', '--device=cpu'])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_lpips_regression_upsamples_to_224_by_default(teacher_pkl, pairs_dir, weight_files):  # noqa: F811
+    """DMD's LPIPS at 224 is the method's own default (also from Python); an explicit resolution wins."""
+    with open(teacher_pkl, 'rb') as f:
+        teacher = persistence.load(f)['ema']
+    files = dict(vgg=weight_files['vgg_path'], lin=weight_files['lin_path'])
+    assert DMD(teacher, 'cpu', batch_size=4, pairs=str(pairs_dir), reg_kwargs=files).distance.resolution == 224
+    assert DMD(teacher, 'cpu', batch_size=4, pairs=str(pairs_dir), reg_kwargs=dict(files, resolution=64)).distance.resolution == 64
+
+
+def test_cli_regression_pair_order_follows_seed(teacher_pkl, pairs_dir, tmp_path, monkeypatch):
+    seeds = []
+
+    class Recording(IndexStream):
+        def __init__(self, num_items, seed=0, **kwargs):
+            seeds.append(seed)
+            super().__init__(num_items, seed, **kwargs)
+
+    monkeypatch.setattr(dmd_module, 'IndexStream', Recording)
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path}', f'--teacher={teacher_pkl}', '--duration=0.000008',
+                                        '--nosubdir', *DMD_ARGS, f'--pairs={pairs_dir}', '--reg-loss=l2', '--seed=7'],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert seeds == [7]
+
+
+def test_cli_dmd_options_reach_the_method(teacher_pkl, tmp_path):
+    run = lambda *args: CliRunner().invoke(train.main, [f'--outdir={tmp_path}', f'--teacher={teacher_pkl}', *DMD_ARGS,
+                                                        '--dry-run', *args])
+    r = run()
+    assert r.exit_code == 0, r.output
+    kw = json.loads(r.output.split('Training options:')[1].split('Output directory')[0])['method_kwargs']
+    assert (kw['fake_sigma'], kw['lr_rampup_kimg'], kw['max_grad_norm'], kw['reg_kwargs']) == ('karras', 0, 10, {})
+    r = run('--fake-sigma=lognormal', '--lr-rampup=17.5', '--grad-clip=1')
+    assert r.exit_code == 0, r.output
+    kw = json.loads(r.output.split('Training options:')[1].split('Output directory')[0])['method_kwargs']
+    assert (kw['fake_sigma'], kw['lr_rampup_kimg'], kw['max_grad_norm']) == ('lognormal', 17.5, 1)
+
+
+def test_cli_dmd2_gan_head_trains(teacher_pkl, tmp_path):
+    """--gan-g with real images: the classifier and the generator losses go through the bottleneck pass."""
+    rng = np.random.default_rng(0)
+    save_dataset(str(tmp_path / 'data.zip'), [rng.integers(0, 256, size=[8, 8, 3], dtype=np.uint8) for _ in range(8)],
+                 [i % 4 for i in range(8)])
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "run"}', f'--teacher={teacher_pkl}', '--duration=0.000016',
+                                        '--nosubdir', *DMD_ARGS, f'--data={tmp_path / "data.zip"}', '--cond=1',
+                                        '--gan-g=3e-3', '--workers=0'], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    stats = [json.loads(l) for l in open(tmp_path / 'run' / 'stats.jsonl')]
+    assert all('Loss/G_gan' in l and 'Loss/D_gan' in l for l in stats)
+    state = torch.load(loop_module.find_latest_state(str(tmp_path / 'run')), weights_only=True)['method']
+    assert state['head']['net.0.weight'].shape == (16, 16, 4, 4) and state['num_g_steps'] == 2

@@ -31,13 +31,14 @@ TINY = dict(model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=
 
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
-    """16 labelled 8x8 images (4 classes); conditional, unconditional and 16x16 teacher pickles."""
+    """16 labelled 8x8 images (4 classes); conditional (with and without label dropout), unconditional and 16x16
+    teacher pickles."""
     from dataset_tool import save_dataset
     root = tmp_path_factory.mktemp('guided')
     rng = np.random.default_rng(0)
     save_dataset(str(root / 'cond.zip'), [rng.integers(0, 256, size=[8, 8, 3], dtype=np.uint8) for _ in range(16)],
                  [i % 4 for i in range(16)])
-    nets = dict(teacher=tiny_teacher(4), uncond=tiny_teacher(0, seed=1),
+    nets = dict(teacher=tiny_teacher(4, label_dropout=0.1), official=tiny_teacher(4), uncond=tiny_teacher(0, seed=1),
                 big=networks.EDMPrecond(16, 3, label_dim=0, model_type='SongUNet', **TINY),
                 exact=toy.GMMDenoiser(img_resolution=8, img_channels=3, num_components=4, label_dim=4))
     for name, net in nets.items():
@@ -95,7 +96,8 @@ def test_cfg_target_matches_exact_guided_mixture():
 
 def guided_method(w_range, lr=1e-3):
     dataset = dnnlib.EasyDict(resolution=8, num_channels=3, label_dim=4)
-    return GuidedDistillation(tiny_teacher(4), torch.device('cpu'), batch_size=32, dataset=dataset, guidance_range=w_range,
+    return GuidedDistillation(tiny_teacher(4, label_dropout=0.1), torch.device('cpu'), batch_size=32, dataset=dataset,
+                              guidance_range=w_range,
                               optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=lr), ema_halflife_kimg=None)
 
 
@@ -237,13 +239,28 @@ def test_cli_stage_one_then_two_then_generate_with_guidance(files, tmp_path):
     (['--teacher={teacher}', '--data={cond}', '--cond=1', '--guide={big}'], '--guide: The guide is 16x16x3'),
     (['--teacher={teacher}', '--data={cond}', '--cond=1', '--guide={dir}/none.pkl', '--dry-run'], '--guide: no such file'),
     (['--teacher={teacher}', '--data={cond}', '--cond=1', '--w-range=1'], 'MIN,MAX'),
+    (['--teacher={official}', '--data={cond}', '--cond=1'], f'--guide=PKL|URL, e.g. {CIFAR10_UNCOND} for CIFAR-10'),
+    (['--teacher={official}', '--data={cond}', '--cond=1', '--guide=null'], 'without label dropout (label_dropout=0'),
 ])
 def test_cli_bad_input(files, tmp_path, args, message):
     args = [a.format(dir=files, **{k: files / f'{k}.{"zip" if k == "cond" else "pkl"}' for k in
-                                   ['teacher', 'uncond', 'exact', 'big', 'cond']}) for a in args]
+                                   ['teacher', 'official', 'uncond', 'exact', 'big', 'cond']}) for a in args]
     r = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "runs"}', '--method=guided', '--device=cpu', '--batch=8', *args])
     assert r.exit_code != 0 and message in r.output, r.output
+    assert len([line for line in r.output.splitlines() if line.startswith('Error:')]) == 1
     assert not (tmp_path / 'runs').exists()
+
+
+def test_null_guide_needs_a_teacher_trained_with_label_dropout():
+    """Built from Python too: the zero label of a teacher without label dropout is not an unconditional model."""
+    dataset = dnnlib.EasyDict(resolution=8, num_channels=3, label_dim=4)
+    for guide in ['null', None]:
+        with pytest.raises(ValueError, match=r'label_dropout=0.*--guide=PKL\|URL'):
+            GuidedDistillation(tiny_teacher(4), torch.device('cpu'), batch_size=8, dataset=dataset, guide=guide,
+                               optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=1e-3))
+    method = GuidedDistillation(tiny_teacher(4, label_dropout=0.1), torch.device('cpu'), batch_size=8, dataset=dataset,
+                                optimizer_kwargs=dict(class_name='torch.optim.Adam', lr=1e-3))
+    assert method.guide is None  # the default 'null': the teacher with a zero label
 
 # ----------------------------------------------------------------------------
 # The README recipes (with the tests' tiny dataset and placeholder files in place of the real ones).

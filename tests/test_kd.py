@@ -248,10 +248,14 @@ def test_cli_dry_run_recipe(files, tmp_path):
     m = options['method_kwargs']
     assert m['class_name'] == 'training.distill.kd.KD' and m['variant'] == 'tiny' and m['num_blocks'] is None
     assert (m['lambda_out'], m['lambda_feat'], m['feat_norm']) == (1, 0.5, True)
-    assert m['optimizer_kwargs']['lr'] == 1e-4 and m['lr_rampup_kimg'] == 0
+    assert m['optimizer_kwargs']['lr'] == 1e-4 and m['lr_rampup_kimg'] == 0 and m['max_grad_norm'] is None
     assert m['augment_kwargs']['p'] == 0.12  # EDM's setting; the method drops it for teachers without augment labels
     assert options['run_dir'].endswith('kd-teacher-tiny-gpus1-batch8-fp32')
     assert not (tmp_path / 'runs').exists()
+    r = cli(files, tmp_path, f'--teacher={files / "teacher.pkl"}', '--grad-clip=1', '--lr=5e-5', '--dry-run')  # BK-SDM's
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output[r.output.index('{'):r.output.index('\n}\n') + 2])['method_kwargs']
+    assert m['max_grad_norm'] == 1 and m['optimizer_kwargs']['lr'] == 5e-5
 
 
 @pytest.mark.parametrize('args, message', [

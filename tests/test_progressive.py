@@ -1,5 +1,6 @@
 """Progressive distillation (--method=pd): the two-Euler-step target, exact rounds on a Gaussian, the loop, resume, CLI."""
 
+import copy
 import json
 import os
 import pickle
@@ -15,20 +16,21 @@ import generate
 import train
 from dataset_tool import save_dataset
 from golden import fill_golden_weights
+from torch_utils import training_stats
 from training import samplers
 from training import training_loop as loop_module
 from training.batching import Round, StepRandom
-from training.distill.progressive import ProgressiveDistillation, pd_target, round_schedule
+from training.distill.progressive import ProgressiveDistillation, loss_weight, pd_target, round_schedule
 
 CIFAR10_COND = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl'
 IMAGENET64 = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl'
 
 
-def tiny_teacher(label_dim=4, seed=0):
+def tiny_teacher(label_dim=4, seed=0, label_dropout=0):
     """An 8x8 SongUNet with random (not zero-initialised) weights, so its outputs depend on every layer."""
     from training.networks import EDMPrecond
     net = EDMPrecond(8, 3, label_dim=label_dim, model_type='SongUNet', model_channels=16, channel_mult=[1],
-                     num_blocks=1, attn_resolutions=[], dropout=0)
+                     num_blocks=1, attn_resolutions=[], dropout=0, label_dropout=label_dropout)
     return fill_golden_weights(net, seed).eval().requires_grad_(False)
 
 
@@ -156,6 +158,35 @@ def test_round_handover_lr_decay_and_optimizer_reset():
     assert int(method.optimizer.optimizer.state[method.student.gain]['step']) == 1  # a fresh Adam
 
 
+def test_defaults_are_official_loss_weight_and_clipping(monkeypatch):
+    """By default a step weights the x-error by truncated SNR, max(1/s^2, 1), and clips gradients at global norm 1."""
+    assert loss_weight(torch.tensor([0.5, 1.0, 2.0]), 'snr-trunc').tolist() == [4.0, 1.0, 1.0]
+    assert loss_weight(torch.tensor([0.5, 2.0]), 'edm').tolist() == [8.0, 4.25]
+    levels = samplers.nested_sigmas(8, 0.002, 80, 7)[:-1]
+    teacher = GainDenoiser(0.5, levels).requires_grad_(False)
+    lr = 1e-3
+    method = ProgressiveDistillation(teacher, torch.device('cpu'), batch_size=64, dataset=dnnlib.EasyDict(
+                                     resolution=4, num_channels=1, label_dim=0), start_steps=8, end_steps=4,
+                                     round_kimg=1, optimizer_kwargs=dict(class_name='torch.optim.SGD', lr=lr))
+    with torch.no_grad():
+        method.student.gain.mul_(1.5)  # away from the target: a gradient norm well above 1
+    student = copy.deepcopy(method.student)
+    reported = {}
+    monkeypatch.setattr(training_stats, 'report', lambda name, value: reported.setdefault(name, value))
+    images = 0.5 * torch.randn([64, 1, 4, 4], generator=torch.Generator().manual_seed(1))
+    r = Round(images, None, StepRandom(0, 0, 64, 'cpu'), 0, 64)
+    method.step([r], 0)
+
+    i = r.randint('pd_step', 4)
+    sigma, sigma_next = method.sigmas[i], method.sigmas[i + 1]
+    x_s = images.to(torch.float64) + sigma.reshape(-1, 1, 1, 1) * r.randn('pd_noise', 1, 4, 4).to(torch.float64)
+    target = pd_target(teacher, x_s, sigma, method.sigmas_mid[i], sigma_next)
+    expected = torch.maximum(1 / sigma ** 2, torch.ones([])).reshape(-1, 1, 1, 1) * (student(x_s, sigma) - target) ** 2
+    torch.testing.assert_close(reported['Loss/loss'], expected, rtol=1e-5, atol=0)
+    grad, = torch.autograd.grad(expected.sum() / 64, student.gain)
+    assert grad.norm() > 10
+    torch.testing.assert_close(method.student.gain - student.gain, -lr * grad / grad.norm(), rtol=1e-4, atol=0)
+
 # ----------------------------------------------------------------------------
 # The training loop: exact resume inside a round and at a round's end.
 
@@ -233,6 +264,7 @@ def test_cli_snapshot_per_round_sampled_by_generate_without_flags(files, tmp_pat
     (['--teacher={teacher}', '--data={uncond}'], 'The teacher is 8x8x3 with 4 labels, the data 8x8x3 with 0 labels'),
     (['--teacher={uncond_teacher}', '--data={uncond}', '--w-range=0,4'], '--w-range needs a w-conditioned'),
     (['--teacher={teacher}', '--data={cond}', '--cond=1', '--w-range=4,1'], 'MIN,MAX'),
+    (['--teacher={teacher}', '--data={cond}', '--cond=1', '--lr-rampup=10'], 'drop --lr-rampup'),
 ])
 def test_cli_bad_input(files, tmp_path, args, message):
     args = [a.format(teacher=files / 'teacher.pkl', uncond_teacher=files / 'teacher-uncond.pkl', cond=files / 'cond.zip',
@@ -256,10 +288,16 @@ def test_recipe_cifar10(files, tmp_path):
     c = printed_options(r.output)
     kw = c['method_kwargs']
     assert kw['class_name'] == 'training.distill.progressive.ProgressiveDistillation'
-    assert (kw['start_steps'], kw['end_steps'], kw['round_kimg'], kw['final_round_kimg']) == (256, 1, 6400, 12800)
-    assert kw['optimizer_kwargs']['lr'] == 5e-5 and kw['max_grad_norm'] is None and kw['ema_halflife_kimg'] is None
-    assert c['total_kimg'] == pytest.approx((6 * 50000 + 2 * 100000) * 128 / 1000)  # paper: 50k / 100k updates
+    assert (kw['start_steps'], kw['end_steps'], kw['round_kimg'], kw['final_round_kimg']) == (256, 1, 6400, 6400)
+    assert kw['optimizer_kwargs']['lr'] == 5e-5 and kw['ema_halflife_kimg'] is None
+    assert kw['max_grad_norm'] == 1.0 and kw['weight'] == 'snr-trunc'  # the official configs
+    assert c['total_kimg'] == pytest.approx(8 * 50000 * 128 / 1000)  # official: 50k updates for every round
     assert not os.listdir(tmp_path)
+    r = cli(f'--outdir={tmp_path}', '--method=pd', f'--teacher={CIFAR10_COND}', f'--data={files / "cond.zip"}',
+            '--cond=1', '--pd-weight=edm', '--grad-clip=5', '--final-round-kimg=100', '--dry-run')
+    assert r.exit_code == 0, r.output
+    kw = printed_options(r.output)['method_kwargs']
+    assert (kw['weight'], kw['max_grad_norm'], kw['final_round_kimg']) == ('edm', 5, 100)
 
 
 def test_recipe_imagenet64(files, tmp_path):

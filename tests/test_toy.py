@@ -15,6 +15,7 @@ import generate
 import toy as toy_cli
 from torch_utils import persistence
 from training import networks, toy
+from training.distill.guided import check_null_guide
 
 SMALL = dict(img_resolution=4, img_channels=1, num_components=3, seed=0)  # D = 16: Monte Carlo is accurate
 
@@ -201,10 +202,10 @@ def test_uint8_round_trip_error_is_uniform_rounding():
 # ----------------------------------------------------------------------------
 # Fitting a network.
 
-def tiny_net(label_dim=3):
+def tiny_net(label_dim=3, label_dropout=0):
     torch.manual_seed(0)
     return networks.EDMPrecond(4, 1, label_dim=label_dim, model_type='SongUNet', model_channels=8, channel_mult=[1],
-                               num_blocks=1, attn_resolutions=[], dropout=0)
+                               num_blocks=1, attn_resolutions=[], dropout=0, label_dropout=label_dropout)
 
 
 def test_fit_denoiser_reduces_error_and_is_deterministic():
@@ -224,6 +225,16 @@ def test_fit_denoiser_reduces_error_and_is_deterministic():
     assert runs[0] != runs[2]
     with pytest.raises(ValueError, match='label_dim'):
         next(toy.fit_denoiser(tiny_net(), toy.GMMDenoiser(**SMALL), num_steps=1))
+
+
+def test_fit_drops_labels_itself_not_through_the_nets_label_dropout():
+    """A net that records label_dropout=p_uncond is fitted exactly as one without: only fit_denoiser drops labels
+    (with their exact unconditional targets), whatever mode the caller left the net in."""
+    gmm = toy.GMMDenoiser(**SMALL, label_dim=3)
+    nets = [tiny_net(label_dropout=p).train() for p in [0, 0.1]]
+    runs = [list(toy.fit_denoiser(net, gmm, num_steps=5, batch_size=32, lr=1e-2, p_uncond=0.1, seed=0)) for net in nets]
+    assert runs[0] == runs[1]
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()))
 
 # ----------------------------------------------------------------------------
 # Command line.
@@ -263,6 +274,8 @@ def test_build_writes_a_deterministic_problem(tmp_path):
     assert isinstance(exact, toy.GMMDenoiser) and exact.label_dim == 3
     unet = persistence.load_network_pkl(str(a / 'teacher-unet.pkl'))
     assert isinstance(unet, networks.EDMPrecond) and unet.label_dim == 3 and not unet.training
+    assert unet.model.label_dropout == 0.1  # fitted with 10% zero labels: its zero label is unconditional
+    check_null_guide(unet)  # so guided distillation accepts it as its own guide (--guide=null)
     assert (a / 'reference.npz').read_bytes() == (b / 'reference.npz').read_bytes()
     unet_b = persistence.load_network_pkl(str(b / 'teacher-unet.pkl'))
     assert all(torch.equal(p, q) for p, q in zip(unet.state_dict().values(), unet_b.state_dict().values()))

@@ -175,6 +175,7 @@ def test_cli_short_run_and_generate(data, tmp_path):
     (['--data={uncond}', '--cond=1'], 'no labels'),
     (['--data={cond}', '--batch=8', '--batch-gpu=3'], '--batch-gpu=3'),
     ([], 'needs --data'),
+    (['--data={cond}', '--grad-clip=1'], 'drop --grad-clip'),
 ])
 def test_cli_bad_input_creates_nothing(data, tmp_path, args, message):
     args = [a.format(cond=data / 'cond.zip', uncond=data / 'uncond.zip') for a in args]
@@ -235,3 +236,42 @@ def test_augmented_training_feeds_augment_labels(data, tmp_path):
     with open(tmp_path / 'a' / 'network-snapshot-000000.pkl', 'rb') as f:
         snap = persistence.load(f)
     assert type(snap['augment_pipe']).__name__ == 'AugmentPipe' and snap['augment_pipe'].p == 0.5
+
+
+STAND_IN = r'''
+import json, sys, torch
+sys.path[:0] = [sys.argv[1], sys.argv[2]]  # a `training` package without this project's modules, then the project
+import training
+from torch_utils import persistence
+assert not hasattr(training, 'batching') and training.__file__.startswith(sys.argv[1])
+with open(sys.argv[3], 'rb') as f:
+    data = persistence.load(f, allow_code=True)  # EDM's reader: the embedded module sources run
+torch.manual_seed(0)
+images, labels = torch.rand([4, 3, 8, 8]) * 2 - 1, torch.eye(4)[[0, 1, 2, 3]]
+loss = data['loss_fn'](net=data['ema'], images=images, labels=labels, augment_pipe=data['augment_pipe'])
+y, augment_labels = data['augment_pipe'](images)
+print(json.dumps(dict(loss=list(loss.shape), finite=bool(loss.isfinite().all()), y=list(y.shape),
+                      augment_labels=list(augment_labels.shape), modules=sorted(type(data[k]).__module__ for k in
+                      ['ema', 'loss_fn', 'augment_pipe']), dataset_kwargs=type(data['dataset_kwargs']).__name__)))
+'''
+
+
+def test_snapshot_loss_and_augment_pipe_run_under_edms_own_code(data, tmp_path):
+    """EDM-derived tools exec a snapshot's embedded sources beside their own `training` package and call
+    `loss_fn(net=, images=, labels=, augment_pipe=)` and `augment_pipe(images)`: neither may import this project's
+    other modules. The snapshot's dataset_kwargs is a plain dict, as EDM writes it."""
+    augment = dict(class_name='training.augment.AugmentPipe', p=1, xflip=1e8, yflip=1, scale=1, rotate_frac=1,
+                   aniso=1, translate_frac=1)
+    kwargs = sgd_method(augment_kwargs=augment, ema_halflife_kimg=0.01)
+    kwargs['network_kwargs'] = dict(TINY_NET, augment_dim=9)
+    run_loop(tmp_path / 'run', data / 'cond.zip', total_kimg=0.008, method_kwargs=kwargs)
+    (tmp_path / 'stand' / 'training').mkdir(parents=True)
+    (tmp_path / 'stand' / 'training' / '__init__.py').write_text('')
+    r = subprocess.run([sys.executable, '-c', STAND_IN, str(tmp_path / 'stand'), ROOT,
+                        str(tmp_path / 'run' / 'network-snapshot-000000.pkl')], cwd=tmp_path / 'stand',
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out['loss'] == [4, 3, 8, 8] and out['finite'] and out['y'] == [4, 3, 8, 8] and out['augment_labels'] == [4, 9]
+    assert all(m.startswith('_imported_module_') for m in out['modules']), out['modules']  # the embedded sources ran
+    assert out['dataset_kwargs'] == 'dict'

@@ -45,7 +45,8 @@ which no geometric (resp. color) transform fired are returned bit-identical.
 Randomness comes from `rnd` (see training/batching.py), one named stream per draw, so a sample's augmentation
 depends only on its position in the global batch, never on world size or --batch-gpu.
 
-This module's source is embedded into snapshot pickles: keep its imports to numpy, torch and torch_utils.
+This module's source is embedded into snapshot pickles, and EDM's readers exec it beside their own `training`
+package: keep its imports to numpy, torch and torch_utils, at the top (test_augment checks them).
 """
 
 import numpy as np
@@ -103,6 +104,23 @@ _E = np.array([[0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0.0]])      #
 
 # ----------------------------------------------------------------------------
 
+class _GlobalRandom:
+    """The `rnd` interface on torch's global RNG, for calls without the training loop's streams (EDM's loop and
+    tools); defined here because the embedded source runs beside EDM's own `training` package."""
+
+    def __init__(self, n, device):
+        self.n, self.device = n, device
+
+    def randn(self, name, *shape):
+        return torch.randn([self.n, *shape], device=self.device)
+
+    def rand(self, name, *shape):
+        return torch.rand([self.n, *shape], device=self.device)
+
+    def randint(self, name, high, *shape):
+        return torch.randint(high, [self.n, *shape], device=self.device)
+
+
 @persistence.persistent_class
 class AugmentPipe:
     """EDM's augmentation pipe; the keywords, defaults and label layout are EDM's (see the module docstring)."""
@@ -153,10 +171,8 @@ class AugmentPipe:
             raise ValueError(f'AugmentPipe expects images shaped [N, C, H, W], got {list(images.shape)}')
         N, C, H, W = images.shape
         device = images.device
-        if rnd is None:
-            # Imported here, not at the top: the embedded module source must run without this project.
-            from training.batching import TorchRandom
-            rnd = TorchRandom(N, device)
+        if rnd is None:  # called as EDM calls it
+            rnd = _GlobalRandom(N, device)
         labels = [torch.zeros([N, 0], device=device)]
 
         # Pixel blitting: exact integer moves.

@@ -127,25 +127,5 @@ class Round:
         return _one_hot(self.randint(name, label_dim), label_dim) if label_dim else None
 
 
-class TorchRandom:
-    """The same interface on torch's global RNG, for code used outside the training loop."""
-
-    def __init__(self, size, device):
-        self.size = size
-        self.device = device
-
-    def randn(self, name, *shape):
-        return torch.randn((self.size, *shape), device=self.device)
-
-    def rand(self, name, *shape):
-        return torch.rand((self.size, *shape), device=self.device)
-
-    def randint(self, name, high, *shape):
-        return torch.randint(high, (self.size, *shape), device=self.device)
-
-    def random_labels(self, name, label_dim):
-        return _one_hot(self.randint(name, label_dim), label_dim) if label_dim else None
-
-
 def _one_hot(idx, label_dim):
     return torch.nn.functional.one_hot(idx, label_dim).to(torch.float32)

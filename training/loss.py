@@ -1,5 +1,10 @@
 """EDM's training losses (VP, VE, EDM) with their class names and constructor keywords, so official snapshots'
-`loss_fn` entries map onto them. Each returns the per-pixel weighted loss; the caller sums and normalises."""
+`loss_fn` entries map onto them. Each returns the per-pixel weighted loss; the caller sums and normalises.
+
+This module's source is embedded into snapshot pickles, and EDM's readers exec it beside their own `training`
+package: keep its imports to torch and torch_utils. Called as EDM calls it, `loss_fn(net=, images=, labels=,
+augment_pipe=)`, it draws from torch's global RNG and calls the pipe as EDM does; the training loop passes `rnd`.
+"""
 
 import torch
 
@@ -7,17 +12,18 @@ from torch_utils import persistence
 
 # ----------------------------------------------------------------------------
 
-def _random(rnd, images):
-    """The caller's random streams, or torch's global RNG when called outside the training loop."""
+def _draw(rnd, kind, name, images, *shape):
+    """[N, *shape] from the loop's stream `name` (rnd), or from torch's global RNG when called without one."""
     if rnd is not None:
-        return rnd
-    from training.batching import TorchRandom
-    return TorchRandom(images.shape[0], images.device)
+        return getattr(rnd, kind)(name, *shape)
+    return getattr(torch, kind)([images.shape[0], *shape], device=images.device)
 
 
 def _denoise(net, images, labels, sigma, weight, augment_pipe, rnd):
-    y, augment_labels = augment_pipe(images, rnd=rnd) if augment_pipe is not None else (images, None)
-    n = rnd.randn('loss_noise', *images.shape[1:]) * sigma
+    y, augment_labels = images, None
+    if augment_pipe is not None:
+        y, augment_labels = augment_pipe(images) if rnd is None else augment_pipe(images, rnd=rnd)
+    n = _draw(rnd, 'randn', 'loss_noise', images, *images.shape[1:]) * sigma
     D_yn = net(y + n, sigma, labels, augment_labels=augment_labels)
     return weight * ((D_yn - y) ** 2)
 
@@ -32,8 +38,7 @@ class VPLoss:
         self.epsilon_t = epsilon_t
 
     def __call__(self, net, images, labels=None, augment_pipe=None, rnd=None):
-        rnd = _random(rnd, images)
-        t = 1 + rnd.rand('loss_sigma', 1, 1, 1) * (self.epsilon_t - 1)
+        t = 1 + _draw(rnd, 'rand', 'loss_sigma', images, 1, 1, 1) * (self.epsilon_t - 1)
         sigma = self.sigma(t)
         return _denoise(net, images, labels, sigma, 1 / sigma ** 2, augment_pipe, rnd)
 
@@ -51,8 +56,7 @@ class VELoss:
         self.sigma_max = sigma_max
 
     def __call__(self, net, images, labels=None, augment_pipe=None, rnd=None):
-        rnd = _random(rnd, images)
-        u = rnd.rand('loss_sigma', 1, 1, 1)
+        u = _draw(rnd, 'rand', 'loss_sigma', images, 1, 1, 1)
         sigma = self.sigma_min * ((self.sigma_max / self.sigma_min) ** u)
         return _denoise(net, images, labels, sigma, 1 / sigma ** 2, augment_pipe, rnd)
 
@@ -67,7 +71,6 @@ class EDMLoss:
         self.sigma_data = sigma_data
 
     def __call__(self, net, images, labels=None, augment_pipe=None, rnd=None):
-        rnd = _random(rnd, images)
-        sigma = (rnd.randn('loss_sigma', 1, 1, 1) * self.P_std + self.P_mean).exp()
+        sigma = (_draw(rnd, 'randn', 'loss_sigma', images, 1, 1, 1) * self.P_std + self.P_mean).exp()
         weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
         return _denoise(net, images, labels, sigma, weight, augment_pipe, rnd)

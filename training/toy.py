@@ -174,7 +174,9 @@ def fit_denoiser(net, gmm, num_steps, batch_size=128, lr=2e-3, p_uncond=0.1, p_l
     Noise levels: EDM's ln s ~ N(P_mean, P_std^2), mixed (probability p_loguniform) with log-uniform on
     [sigma_min, sigma_max] so the high noise levels a sampler starts from are fitted too. Loss: EDM weight
     lam(s) = (s^2 + 0.5^2) / (0.5 s)^2 times the squared error per pixel. With probability p_uncond the label is
-    all-zero and the target is the unconditional D*, so the zero label of the fitted net means "unconditional".
+    all-zero and the target is the unconditional D*, so the zero label of the fitted net means "unconditional"
+    (build the net with label_dropout=p_uncond so that its pickle says so). The net runs in eval mode: labels are
+    dropped here, with their exact targets, so the net's own label dropout must not fire (toy nets have no dropout).
     Learning rate: linear warm-up over the first 5% of steps, then cosine decay to 0.
     """
     if net.label_dim not in (0, gmm.label_dim):
@@ -183,6 +185,7 @@ def fit_denoiser(net, gmm, num_steps, batch_size=128, lr=2e-3, p_uncond=0.1, p_l
     device = gmm.means.device
     generator = torch.Generator(device).manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
+    net.eval()
 
     def rand(*shape):
         return torch.rand(shape, generator=generator, dtype=torch.float64, device=device)

@@ -169,8 +169,12 @@ def _training_loop(
         extra['transfer'] = load(transfer)
     if dataset is not None:
         extra['dataset'] = dataset
-    if 'run_dir' in inspect.signature(dnnlib.util.get_obj_by_name(method_kwargs['class_name'])).parameters:
+    params = inspect.signature(dnnlib.util.get_obj_by_name(method_kwargs['class_name'])).parameters
+    takes = lambda name: name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    if takes('run_dir'):
         extra['run_dir'] = run_dir  # for methods that write files of their own (DisBack's recorded path)
+    if takes('seed'):
+        extra['seed'] = seed  # for methods with fixed orders of their own (DMD's regression pairs)
     method = dnnlib.util.construct_class_by_name(**method_kwargs, device=device, batch_size=batch_size, **extra)
     for net in method.networks().values():
         misc.broadcast_module(net)
@@ -314,7 +318,7 @@ def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, rank):
     if rank != 0:
         return
     data = method.snapshot()
-    data['dataset_kwargs'] = dnnlib.EasyDict(dataset_kwargs) if dataset_kwargs is not None else None
+    data['dataset_kwargs'] = dict(dataset_kwargs) if dataset_kwargs is not None else None  # a plain dict, as EDM's
     _write_pickle(data, os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pkl'))
     if grid is not None:
         rows = method.preview(*grid) if hasattr(method, 'preview') else [method.sample(*grid)]

@@ -130,7 +130,7 @@ class DisBack(DMD):
         if self.stage == 1:
             if self.stage1_done in self.record_at:
                 self._save_node(self.record_at.index(self.stage1_done))
-            self.fake_step(rounds, [None] * len(rounds))  # G is not updated: fresh samples are G0's
+            self.fake_step(rounds, [None] * len(rounds), cur_nimg)  # G is not updated: fresh samples are G0's
             self.stage1_done += 1
             if self.stage1_done == self.path_steps:
                 self._save_node(self.num_nodes)

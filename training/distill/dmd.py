@@ -21,31 +21,51 @@ from training.samplers import karras_sigma
 # ----------------------------------------------------------------------------
 
 class GANHead(torch.nn.Module):
-    """DMD2's classifier on the fake score's bottleneck: conv4x4/2 - GN - SiLU - conv4x4/4 - GN - SiLU - conv1x1."""
+    """DMD2's classifier on the fake score's bottleneck: conv4x4/2 p1 - GN - SiLU - conv4x4/4 p0 - GN - SiLU - conv1x1
+    (an 8x8 bottleneck -> 4x4 -> 1x1, every position seen; at least 8x8 is needed)."""
 
     def __init__(self, channels):
         super().__init__()
         groups = min(32, channels // 4)
         self.net = torch.nn.Sequential(
             torch.nn.Conv2d(channels, channels, 4, stride=2, padding=1), torch.nn.GroupNorm(groups, channels), torch.nn.SiLU(),
-            torch.nn.Conv2d(channels, channels, 4, stride=4, padding=1), torch.nn.GroupNorm(groups, channels), torch.nn.SiLU(),
+            torch.nn.Conv2d(channels, channels, 4, stride=4, padding=0), torch.nn.GroupNorm(groups, channels), torch.nn.SiLU(),
             torch.nn.Conv2d(channels, 1, 1))
 
     def forward(self, h):
         return self.net(h).mean(dim=[1, 2, 3])  # averaging handles bottlenecks that do not reduce to 1x1
 
 
+class _Reached(Exception):
+    """Raised by the bottleneck hook to stop a forward pass there, carrying the block's output."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+
 class Bottleneck:
-    """Captures the output of a network's lowest-resolution encoder block during its forward pass."""
+    """Runs a network only up to its lowest-resolution encoder block and returns that block's output: the decoder
+    (most of a UNet's cost) does not run. Other calls of the network are untouched."""
 
     def __init__(self, net):
-        self.block = list(net.model.enc.values())[-1]
-        self.channels = self.block.out_channels if hasattr(self.block, 'out_channels') else None
-        self.value = None
-        self.block.register_forward_hook(self._hook)
+        self.net = net
+        self.armed = False
+        list(net.model.enc.values())[-1].register_forward_hook(self._hook)
 
     def _hook(self, _module, _inputs, output):
-        self.value = output
+        if self.armed:
+            raise _Reached(output)
+
+    def __call__(self, x, sigma, labels):
+        self.armed = True
+        try:
+            self.net(x, sigma, labels)
+        except _Reached as reached:
+            return reached.output
+        finally:
+            self.armed = False
+        raise RuntimeError('The forward pass did not reach the bottleneck block')
 
 # ----------------------------------------------------------------------------
 
@@ -61,17 +81,19 @@ class DMD:
         betas           = (0.9, 0.999), # AdamW betas
         weight_decay    = 0.01,         # AdamW weight decay
         max_grad_norm   = 10.0,         # gradient clipping of both networks
+        lr_rampup_kimg  = 0,            # linear learning-rate warm-up of both networks (DMD2 ImageNet: see README)
         fake_steps      = 1,            # DMD2 two-time-scale rule: G is updated every `fake_steps` steps
         num_t           = 1000,         # T: size of the Karras grid the noise levels are drawn from
         dm_t_range      = (0.02, 0.98), # distribution matching draws grid indices in [0.02T, 0.98T]
         fake_sigma      = 'karras',     # fake-score noise levels: 'karras' (grid index in [0, T)) or 'lognormal' (EDM)
+        seed            = 0,            # run seed (given by the loop): the order of the regression pairs
         sigma_min       = 0.002,        # Karras grid
         sigma_max       = 80.0,
         rho             = 7.0,
         pairs           = None,         # regression pairs directory (make_pairs.py), None = no regression loss
         reg_weight      = 0.25,         # weight of the regression loss
         reg_loss        = 'lpips',      # 'lpips' | 'l2' | 'pseudo_huber'
-        reg_kwargs      = {},           # distance options (e.g. LPIPS weight paths, resolution=224)
+        reg_kwargs      = {},           # distance options (e.g. LPIPS weight paths); LPIPS: resolution 224 unless given
         gan_g_weight    = 0.0,          # DMD2 GAN: generator's non-saturating loss weight (3e-3), 0 = off
         gan_d_weight    = 1e-2,         # DMD2 GAN: classifier loss weight, added to the fake-score loss
         ema_halflife_kimg = 500,        # generator EMA half-life, None = no EMA
@@ -86,7 +108,10 @@ class DMD:
         self.sigma_init = float(sigma_init)
         self.lr = lr
         self.fake_lr = fake_lr if fake_lr is not None else lr
+        self.lr_rampup_kimg = lr_rampup_kimg
         self.fake_steps = fake_steps
+        if fake_sigma not in ('karras', 'lognormal'):
+            raise ValueError(f'fake_sigma must be "karras" or "lognormal", not "{fake_sigma}"')
         self.fake_sigma = fake_sigma
         self.preview_sigma = preview_sigma
 
@@ -110,7 +135,9 @@ class DMD:
             from training.pairs import PairSet
             self.pairs = PairSet(pairs, device=device)
             self.pairs.check_teacher(teacher)
-            self.pair_stream = IndexStream(len(self.pairs), seed=0)
+            self.pair_stream = IndexStream(len(self.pairs), seed=seed)
+            if reg_loss == 'lpips':
+                reg_kwargs = {'resolution': 224, **reg_kwargs}  # DMD: LPIPS on images upsampled to 224
             self.distance = make_distance(reg_loss, **reg_kwargs).to(device).eval().requires_grad_(False)
             self.reg_weight = reg_weight
         self.gan_g_weight = gan_g_weight
@@ -121,9 +148,12 @@ class DMD:
                 raise ValueError('The GAN head (--gan-g > 0) needs real images: pass --data')
             self.bottleneck = Bottleneck(self.fake)
             with torch.no_grad():
-                self.fake(torch.zeros([1, *self.img_shape], device=device), torch.ones([1], device=device),
-                          torch.zeros([1, self.label_dim], device=device) if self.label_dim else None)
-            self.head = GANHead(self.bottleneck.value.shape[1]).to(device)
+                h = self.bottleneck(torch.zeros([1, *self.img_shape], device=device), torch.ones([1], device=device),
+                                    torch.zeros([1, self.label_dim], device=device) if self.label_dim else None)
+            if min(h.shape[2:]) < 8:
+                raise ValueError(f'The GAN head needs a bottleneck of at least 8x8 (DMD2\'s classifier); this teacher\'s '
+                                 f'is {h.shape[2]}x{h.shape[3]}: use --gan-g=0')
+            self.head = GANHead(h.shape[1]).to(device)
 
         fake_params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
         adamw = dict(class_name='torch.optim.AdamW', betas=tuple(betas), weight_decay=weight_decay, max_grad_norm=max_grad_norm)
@@ -148,8 +178,7 @@ class DMD:
         """Classifier logits of images noised at independent grid levels, through mu_fake's bottleneck."""
         sigma = self.sigma_grid[r.randint(f'{name}_t', len(self.sigma_grid))]
         x_s = x + sigma.view(-1, 1, 1, 1) * r.randn(f'{name}_n', *self.img_shape)
-        D = self.fake(x_s, sigma, labels)
-        return self.head(self.bottleneck.value.to(torch.float32)), D, sigma  # the head runs in fp32 (DMD2)
+        return self.head(self.bottleneck(x_s, sigma, labels).to(torch.float32))  # the head runs in fp32 (DMD2)
 
     # ------------------------------------------------------------------------
     # One step: a generator update every `fake_steps` steps, then a fake-score update on G's samples.
@@ -176,23 +205,23 @@ class DMD:
                 if self.pairs is not None:
                     loss = loss + self.reg_weight * training_stats.report('Loss/G_reg', self.distance(x_ref, y_ref))
                 if self.head is not None:
-                    f_fake, _, _ = self._gan_logits(x, r, 'gan_g', c)
+                    f_fake = self._gan_logits(x, r, 'gan_g', c)
                     loss = loss + self.gan_g_weight * training_stats.report('Loss/G_gan', F.softplus(-f_fake))
                 return training_stats.report('Loss/G_total', loss)
 
             self.opt_G.backward(list(enumerate(rounds)), lambda ir: generator_loss(*ir), self.per_rank_batch)
-            self.opt_G.step(self.lr)
+            self.opt_G.step(optim.rampup_lr(self.lr, cur_nimg, self.lr_rampup_kimg))
             self.fake.requires_grad_(True)
             if self.head is not None:
                 self.head.requires_grad_(True)
             self.num_g_steps += 1
-        self.fake_step(rounds, x_per_round)
+        self.fake_step(rounds, x_per_round, cur_nimg)
         self.num_steps += 1
         if self.ema is not None and update_G:
             self.ema.update(cur_nimg + self.batch_size, self.batch_size)
         training_stats.report('Progress/G_steps', self.num_g_steps)
 
-    def fake_step(self, rounds, x_per_round):
+    def fake_step(self, rounds, x_per_round, cur_nimg):
         """One fake-score update on G's samples: this step's (x_per_round), else fresh ones (DisBack's stage 1)."""
         def fake_loss(i, r):
             c = r.random_labels('c', self.label_dim)
@@ -203,21 +232,21 @@ class DMD:
             if self.fake_sigma == 'karras':
                 sigma = self.sigma_grid[r.randint('fake_t', len(self.sigma_grid))]
             else:
-                sigma = (r.randn('fake_t') * 1.2 - 1.2).exp().squeeze(1)
+                sigma = (r.randn('fake_t') * 1.2 - 1.2).exp()  # EDM's ln s ~ N(-1.2, 1.2^2)
             lam = 1 / sigma ** 2 + 1 / 0.5 ** 2
             if self.head is None:
                 D = self.fake(x0 + sigma.view(-1, 1, 1, 1) * r.randn('fake_n', *self.img_shape), sigma, c)
                 loss = lam * (D - x0).square().mean(dim=[1, 2, 3])
                 return training_stats.report('Loss/fake', loss)
-            f_fake, _, _ = self._gan_logits(x0, r, 'gan_d_fake', c)
-            f_real, _, _ = self._gan_logits(r.images, r, 'gan_d_real', r.labels if self.label_dim else None)
+            f_fake = self._gan_logits(x0, r, 'gan_d_fake', c)
+            f_real = self._gan_logits(r.images, r, 'gan_d_real', r.labels if self.label_dim else None)
             D = self.fake(x0 + sigma.view(-1, 1, 1, 1) * r.randn('fake_n', *self.img_shape), sigma, c)
             loss = training_stats.report('Loss/fake', lam * (D - x0).square().mean(dim=[1, 2, 3]))
             gan = training_stats.report('Loss/D_gan', F.softplus(f_fake) + F.softplus(-f_real))
             return loss + self.gan_d_weight * gan
 
         self.opt_fake.backward(list(enumerate(rounds)), lambda ir: fake_loss(*ir), self.per_rank_batch)
-        self.opt_fake.step(self.fake_lr)
+        self.opt_fake.step(optim.rampup_lr(self.fake_lr, cur_nimg, self.lr_rampup_kimg))
 
     def distribution_matching_loss(self, x, r, c):
         """0.5 * |x - sg(x - grad)|^2 averaged per sample, so that d loss / d x = grad / numel (gradient injection)."""

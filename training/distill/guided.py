@@ -7,7 +7,8 @@ w ~ U[w_min, w_max], x_s = x + s n from labelled data, and s = s(u), u ~ U[0, 1]
 sampler visits (guidance acts mostly at high noise, which EDM's log-normal training levels rarely reach; on the toy
 benchmark they left the student far off there). The guide D_u is
 
-  'null'        the teacher itself with an all-zero label (only for teachers trained with label dropout),
+  'null'        the teacher itself with an all-zero label: only for teachers trained with label dropout
+                (label_dropout > 0); refused otherwise, e.g. for every official EDM network,
   a network     with label_dim 0: a separate unconditional model (EDM's CIFAR-10 pair: cond + uncond), called
                 without labels; with labels: a weaker conditional model of the same kind (autoguidance, Karras et
                 al. 2024), called with the same labels. The user supplies that weaker model.
@@ -50,6 +51,18 @@ def check_teacher(teacher, dataset):
                          f'teacher-exact.pkl)')
 
 
+# The official unconditional CIFAR-10 network: the guide for the official conditional one.
+CIFAR10_UNCOND = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl'
+
+
+def check_null_guide(teacher):
+    """The zero label is an unconditional model only if the teacher was trained with label dropout."""
+    if not getattr(teacher.model, 'label_dropout', 0):
+        raise ValueError(f'The null guide (--guide=null) takes the teacher\'s zero label as the unconditional model, '
+                         f'but this teacher was trained without label dropout (label_dropout=0, like every official EDM '
+                         f'network); pass an unconditional network, --guide=PKL|URL, e.g. {CIFAR10_UNCOND} for CIFAR-10')
+
+
 def check_guide(guide, teacher):
     """The guide must match the teacher's images, with 0 labels (unconditional) or the teacher's (autoguidance)."""
     got = (guide.img_resolution, guide.img_channels)
@@ -79,7 +92,7 @@ class GuidedDistillation:
         device,                         # torch.device of this rank
         batch_size,                     # global batch
         dataset             = None,     # labelled training images (required)
-        guide               = 'null',   # D_u: 'null' (teacher, zero label), a network pickle path/URL, or a network
+        guide               = 'null',   # D_u: a network pickle path/URL, a network, or 'null' (teacher, zero label)
         trust_pickle        = False,    # allow code embedded in the guide pickle to run
         guidance_range      = [0, 4],   # w ~ U[w_min, w_max]
         optimizer_kwargs    = {},       # class_name + keywords of the optimizer (lr: the base lr)
@@ -94,6 +107,8 @@ class GuidedDistillation:
         sample_steps        = 18,       # Heun steps of preview samples
     ):
         check_teacher(teacher, dataset)
+        if guide is None or guide == 'null':
+            check_null_guide(teacher)
         if isinstance(guide, str):
             guide = None if guide == 'null' else persistence.load_network_pkl(guide, allow_code=trust_pickle)
         if guide is not None:

@@ -5,8 +5,10 @@ Fixed map u -> s (the Karras grid); an N-step student samples t_i = s(i/N), i = 
 i uniform in 0..N-1, s = s(i/N), s' = s((i+0.5)/N), s'' = s((i+1)/N) (0 after the last step), x_s = x + s n.
 The teacher takes two Euler steps s -> s' -> s'' to x''; the student learns the denoised image
 x~ = (s x'' - s'' x_s) / (s - s'') whose one Euler step s -> s'' lands on x'' (at s'' = 0: the teacher's two-step
-result itself), with EDM's weight lam(s) = 1/s^2 + 1/sd^2. A round trains for a fixed number of updates with a
-fresh Adam and a learning rate decaying linearly to 0, then the student (or its EMA) becomes the next teacher and
+result itself), weighted as the official code does by truncated SNR, max(1/s^2, 1), on this x-error (or, as an
+option, by EDM's lam(s) = 1/s^2 + 1/sd^2, which is SNR + 4 for sd = 0.5). A round trains for a fixed number of
+updates (officially 50k for every round) with a fresh Adam, gradients clipped at global norm 1 and a learning rate
+decaying linearly from the base lr to 0 (no warm-up), then the student (or its EMA) becomes the next teacher and
 N halves. Stage two of guided distillation is this method with a w-conditioned teacher: w ~ U[w_min, w_max] is
 drawn per sample and given to teacher and student alike. See METHODS.md section 4.
 
@@ -28,7 +30,8 @@ from training.samplers import euler_sampler, karras_sigma, nested_sigmas
 # The rounds and the target.
 
 def round_schedule(start_steps, end_steps, round_kimg, final_round_kimg, batch_size):
-    """[(student steps N, updates)] for the rounds start/2, start/4, ..., end; rounds to N <= 2 use final_round_kimg."""
+    """[(student steps N, updates)] for the rounds start/2, start/4, ..., end; rounds to N <= 2 use final_round_kimg
+    (the official configs use round_kimg for every round; a longer end of the chain is an option)."""
     ratio = start_steps // end_steps if end_steps >= 1 else 0
     if end_steps < 1 or ratio < 2 or ratio * end_steps != start_steps or ratio & (ratio - 1):
         raise ValueError(f'--start-steps={start_steps} must be --end-steps={end_steps} times a power of two (>= 2), '
@@ -61,6 +64,16 @@ def pd_target(teacher, x, sigma, sigma_mid, sigma_next, labels=None, model_kwarg
     return torch.where(s_next == 0, x_next, target)  # the last step: the teacher's result exactly, no rounding
 
 
+def loss_weight(sigma, kind, sigma_data=0.5):
+    """Weight of the squared x-error at noise level sigma: 'snr-trunc' = max(SNR, 1) with SNR = 1/sigma^2 (the
+    official PD code), or 'edm' = EDM's lam(sigma) = 1/sigma^2 + 1/sigma_data^2."""
+    if kind == 'snr-trunc':
+        return (1 / sigma ** 2).clamp(min=1)
+    if kind == 'edm':
+        return 1 / sigma ** 2 + 1 / sigma_data ** 2
+    raise ValueError(f'Unknown PD loss weight "{kind}": use snr-trunc (official) or edm')
+
+
 def check_teacher(teacher, dataset, guidance_range):
     """The teacher must match the data (resolution, channels, labels) and take w exactly when w is carried through."""
     if dataset is None:
@@ -83,10 +96,11 @@ class ProgressiveDistillation:
         dataset             = None,     # training images (required: x of the training samples)
         start_steps         = 256,      # the first teacher's Euler steps; the first student gets half
         end_steps           = 1,        # steps of the last round's student
-        round_kimg          = 6400,     # length of a halving round (paper: 50k updates of 128 on CIFAR-10)
-        final_round_kimg    = 12800,    # length of the rounds to 2 and 1 steps (paper: twice as long)
+        round_kimg          = 6400,     # length of a halving round (official: 50k updates of 128 on CIFAR-10)
+        final_round_kimg    = None,     # length of the rounds to 2 and 1 steps, None = round_kimg (official)
         optimizer_kwargs    = {},       # class_name + keywords of the optimizer, reset every round (lr: the base lr)
-        max_grad_norm       = None,     # gradient clipping, None = off
+        max_grad_norm       = 1.0,      # gradient clipping at this global norm (official: 1), None = off
+        weight              = 'snr-trunc', # loss weight: 'snr-trunc' max(1/s^2, 1) (official) or 'edm' lam(s)
         ema_halflife_kimg   = None,     # student EMA half-life within a round, None = no EMA (paper)
         ema_rampup_ratio    = 0.05,     # EMA half-life ramp-up within a round
         ema_teacher         = False,    # the EMA rather than the raw student becomes the next teacher
@@ -97,6 +111,7 @@ class ProgressiveDistillation:
         rho                 = 7,
     ):
         check_teacher(teacher, dataset, guidance_range)
+        loss_weight(torch.ones([]), weight)  # an unknown weight fails here, not at the first step
         if ema_teacher and ema_halflife_kimg is None:
             raise ValueError('--ema-teacher=1 hands the EMA on as the next teacher: also pass --ema=MIMG')
         self.device = device
@@ -107,9 +122,11 @@ class ProgressiveDistillation:
         self.sigma_data = getattr(teacher, 'sigma_data', 0.5)
         self.grid = dict(sigma_min=max(sigma_min, float(teacher.sigma_min)), sigma_max=min(sigma_max, float(teacher.sigma_max)),
                          rho=rho)
+        final_round_kimg = final_round_kimg if final_round_kimg is not None else round_kimg
         self.schedule = round_schedule(start_steps, end_steps, round_kimg, final_round_kimg, batch_size)
         self.optimizer_kwargs = dict(optimizer_kwargs, max_grad_norm=max_grad_norm)
         self.lr = optimizer_kwargs['lr']
+        self.weight = weight
         self.guidance_range = guidance_range
         self.sample_guidance = sample_guidance
         self.ema_teacher = ema_teacher
@@ -176,7 +193,7 @@ class ProgressiveDistillation:
             x_s = r.images.to(torch.float64) + sigma.reshape(-1, 1, 1, 1) * r.randn('pd_noise', *self.img_shape).to(torch.float64)
             target = pd_target(self.teacher, x_s, sigma, sigma_mid, sigma_next, labels, self._model_kwargs(w))
             D = self.student(x_s, sigma, labels, **self._model_kwargs(w))
-            weight = (1 / sigma ** 2 + 1 / self.sigma_data ** 2).to(torch.float32).reshape(-1, 1, 1, 1)
+            weight = loss_weight(sigma, self.weight, self.sigma_data).to(torch.float32).reshape(-1, 1, 1, 1)
             return training_stats.report('Loss/loss', weight * (D - target.to(torch.float32)) ** 2)
 
         self.optimizer.backward(rounds, loss_fn, self.per_rank_batch)
