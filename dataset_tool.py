@@ -19,7 +19,7 @@ import click
 import numpy as np
 import PIL.Image
 
-from dnnlib.util import atomic_write, is_hidden
+from dnnlib.util import atomic_write, is_hidden, os_error_message
 
 # ----------------------------------------------------------------------------
 # Bad input data; a ValueError for library callers, a one-line click error in the CLI.
@@ -489,6 +489,8 @@ def main(source, dest, max_images, transform, resolution):
                 save_dataset(dest, (apply(src.load(idx)) for idx in bar), src.labels, src.label_names)
     except DatasetError as e:
         raise click.ClickException(str(e)) from e
+    except OSError as e:  # a full disk, a read-only destination, ...: nothing is left under --dest
+        raise click.ClickException(os_error_message(e)) from e
     click.echo(f'Wrote {num} images to "{dest}"')
 
 

@@ -8,6 +8,7 @@ as training_options.json in the run directory.
 import json
 import math
 import os
+import pickle
 import re
 import warnings
 
@@ -573,8 +574,8 @@ def _check_pairs(method_kwargs, teacher_path, teacher):
                                    f'the teacher they came from')
     try:
         make_distance(method_kwargs.reg_loss, **method_kwargs.reg_kwargs)
-    except (OSError, ValueError, RuntimeError) as e:  # offline, missing or not the weight files
-        raise click.ClickException(f'--lpips-vgg/--lpips-lin: {e}')
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # offline, missing, not the weight files
+        raise click.ClickException(f'--reg-loss={method_kwargs.reg_loss}: {e}')
 
 
 def _check_metrics(metric_kwargs):

@@ -62,13 +62,18 @@ def _flatten(d, prefix=''):
     return out
 
 
+ABSENT = '(absent)'  # an option one of the two configs does not have
+
+
 def option_changes(old, new):
-    """(refused, accepted): [(dotted key, old value, new value)] of the options that differ between two configs."""
+    """(refused, accepted): [(dotted key, old value, new value)] of the options that differ between two configs. Under
+    a dict whose class_name differs, keywords only one class takes are not listed (they differ with the class)."""
     old, new = (_flatten(json.loads(json.dumps(c))) for c in (old, new))  # as stored: tuples become lists
-    missing = object()
-    diffs = [(k, old.get(k, missing), new.get(k, missing)) for k in sorted(set(old) | set(new))
-             if old.get(k, missing) != new.get(k, missing)]
-    diffs = [(k, None if a is missing else a, None if b is missing else b) for k, a, b in diffs]
+    diffs = [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(set(old) | set(new))
+             if k not in old or k not in new or old[k] != new[k]]
+    renamed = [k[:-len('class_name')] for k, _a, _b in diffs if k.endswith('class_name')]
+    inside = lambda k: any(k.startswith(p) and k != p + 'class_name' for p in renamed)
+    diffs = [(k, a, b) for k, a, b in diffs if not inside(k) or ABSENT not in (a, b)]
     refused = [d for d in diffs if d[0].split('.')[0] not in RESUMABLE]
     return refused, [d for d in diffs if d not in refused]
 
@@ -92,7 +97,8 @@ def check_options(old, c):
     accepted ones."""
     refused, accepted = option_changes(old, c)
     if refused:
-        listed = '; '.join(f'{k}: {json.dumps(a)} -> {json.dumps(b)}' for k, a, b in refused)
+        show = lambda v: v if v is ABSENT else json.dumps(v)
+        listed = '; '.join(f'{k}: {show(a)} -> {show(b)}' for k, a, b in refused)
         raise dnnlib.util.RunError(f'--resume: options differ from the run\'s training_options.json ({listed}); these '
                                    f'change the networks, the method or the random streams: pass the run\'s values, '
                                    f'or start a new run')

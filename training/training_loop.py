@@ -84,8 +84,7 @@ def state_problem(path):
     try:
         state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # what torch raises on damaged files
-        lines = str(e).strip().splitlines()
-        return f'{type(e).__name__}: {lines[0][:200] if lines else ""}'
+        return f'{type(e).__name__}: {str(e).strip().split(". ")[0][:200]}'  # torch adds paragraphs of advice
     if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
         return 'not a training state written by this project'
     return None
