@@ -377,7 +377,7 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=se
 @click.option('--snap',          help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50)
 @click.option('--dump',          help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500)
 @click.option('--seed',          help='Random seed  [default: random]', metavar='INT', type=click.IntRange(min=0))
-@click.option('--resume',        help='Resume from a training state or a run directory (continues in that directory)', metavar='PT|DIR', type=str)
+@click.option('--resume',        help='Resume from a training state or a run directory (continues in that directory; pass the run\'s options)', metavar='PT|DIR', type=str)
 @click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
 def main(**kwargs):
     """Train a diffusion model or distill one into a fast generator.
@@ -476,10 +476,7 @@ def _main(opts):
         if not _given('seed'):
             c.seed = old.get('seed')  # the seed the run drew: the same options continue the same run
         resume_changes = run_dir.check_options(old, c)
-        try:
-            resume_from = training_loop.find_latest_state(opts.resume)
-        except FileNotFoundError as e:
-            raise click.ClickException(str(e))
+        resume_from = training_loop.find_latest_state(opts.resume)  # the state must load: checked now
     elif opts.nosubdir:
         c.run_dir = opts.outdir
     else:

@@ -170,6 +170,8 @@ RESUME_CHECKS = {
     'method': (None, ['--method=guided', '--teacher={teacher}'], 1, 'method_kwargs.class_name: "training.teacher.EDM" -> "training.distill.guided.GuidedDistillation"'),
     'no states': (lambda d: os.remove(d / 'training-state-000000.pt'), [], 1, 'no training-state-*.pt in'),
     'all states damaged': (lambda d: truncate(d / 'training-state-000000.pt'), [], 1, 'none of the 1 training-state-*.pt'),
+    'named state damaged': (lambda d: truncate(d / 'training-state-000000.pt'), ['--resume={state}'], 1,
+                            'training-state-000000.pt" is not a complete training state (RuntimeError: '),
     'not a run': (lambda d: os.remove(d / 'training_options.json'), [], 1, 'has no training_options.json'),
     'newest state damaged': (lambda d: (older_and_newer_state(d), truncate(d / 'training-state-000001.pt')), [], 0,
                              'Skipping "training-state-000001.pt": not a complete training state'),
@@ -186,7 +188,8 @@ def test_resume_checks_options_and_states(files, base_run, tmp_path, name):
     if change is not None:
         change(run_dir)
     before = contents(run_dir)
-    args = [a.format(data=files / 'cond.zip', teacher=files / 'teacher.pkl') for a in BASE + extra]
+    args = [a.format(data=files / 'cond.zip', teacher=files / 'teacher.pkl', state=run_dir / 'training-state-000000.pt')
+            for a in BASE + extra]
     r = invoke(f'--resume={run_dir}', *args)
     assert r.exit_code == code and text in r.output, r.output
     if code != 0:
@@ -517,6 +520,7 @@ def crafted(name):
     return pickle.dumps(dict(ema=net))
 
 
+@pytest.mark.filterwarnings('ignore:Detected pickle protocol')  # torch, reading a garbled tensor blob
 @pytest.mark.parametrize('kind', ['truncations', 'byte flips', 'crafted init_kwargs', 'crafted init_args'])
 def test_safe_loader_raises_only_pickle_load_error(base_run, kind):
     import io

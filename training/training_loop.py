@@ -92,11 +92,15 @@ def state_problem(path):
 
 def find_latest_state(path, log=None):
     """A state file as given, or the newest complete training-state-*.pt in a run directory; newer ones that are
-    damaged are skipped, each reported through log(message). Raises FileNotFoundError when there is none."""
+    damaged are skipped, each reported through log(message). RunError when there is none to resume from."""
     if os.path.isfile(path):
+        problem = state_problem(path)
+        if problem is not None:
+            raise dnnlib.util.RunError(f'--resume: "{path}" is not a complete training state ({problem}); pass an '
+                                       f'older one, or the run directory to take the newest complete one')
         return path
     if not os.path.isdir(path):
-        raise FileNotFoundError(f'--resume: "{path}" is neither a training state nor a run directory')
+        raise dnnlib.util.RunError(f'--resume: "{path}" is neither a training state nor a run directory')
     names = [n for n in os.listdir(path) if re.fullmatch(r'training-state-\d+\.pt', n)]
     names.sort(key=lambda n: (int(n[15:-3]), os.path.getmtime(os.path.join(path, n))), reverse=True)
     for name in names:
@@ -106,10 +110,10 @@ def find_latest_state(path, log=None):
         if log is not None:
             log(f'Skipping "{name}": not a complete training state ({problem})')
     if names:
-        raise FileNotFoundError(f'--resume: none of the {len(names)} training-state-*.pt in "{path}" is complete; '
-                                f'start a new run, or resume from a copy of the run that has one')
-    raise FileNotFoundError(f'--resume: no training-state-*.pt in "{path}"; nothing to resume (the run stopped before '
-                            f'its first state dump), start it again without --resume')
+        raise dnnlib.util.RunError(f'--resume: none of the {len(names)} training-state-*.pt in "{path}" is complete; '
+                                   f'start a new run, or resume from a copy of the run that has one')
+    raise dnnlib.util.RunError(f'--resume: no training-state-*.pt in "{path}"; nothing to resume (the run stopped '
+                               f'before its first state dump), start it again without --resume')
 
 
 def _write_pickle(obj, path):
