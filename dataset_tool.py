@@ -19,7 +19,7 @@ import click
 import numpy as np
 import PIL.Image
 
-from dnnlib.util import atomic_write
+from dnnlib.util import atomic_write, is_hidden, os_error_message
 
 # ----------------------------------------------------------------------------
 # Bad input data; a ValueError for library callers, a one-line click error in the CLI.
@@ -123,7 +123,7 @@ def save_dataset(dest: str, images: typing.Iterable[np.ndarray], labels: list[in
         atomic_write(dest, write_zip)
         return
 
-    tmp_dir = tempfile.mkdtemp(prefix='.tmp-', suffix='-' + os.path.basename(os.path.abspath(dest)), dir=parent)
+    tmp_dir = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(dest))}.', suffix='.tmp', dir=parent)
     try:
         for name, data in entries:
             path = os.path.join(tmp_dir, *name.split('/'))
@@ -267,20 +267,19 @@ def decode_image(f, name):
 # Image files are recognised by the extensions PIL can read.
 def is_image_fname(name):
     PIL.Image.init()
-    return os.path.splitext(name)[1].lower() in PIL.Image.EXTENSION
+    return os.path.splitext(name)[1].lower() in PIL.Image.EXTENSION and not is_hidden(name)
 
 
 # Labels from dataset.json ({"labels": [[name, int], ...]} or null), else from top-level sub-folder names.
 def folder_labels(names, meta_text, where):
     if meta_text is not None:
+        from training.dataset import parse_labels  # the one reader of the format (imports torch: only when needed)
         try:
-            entries = json.loads(meta_text)['labels']
-        except (ValueError, KeyError, TypeError) as e:
-            raise DatasetError(f'dataset.json in "{where}" is not {{"labels": [[name, int], ...] or null}} '
-                               f'({e})') from e
-        if entries is None:
+            table = parse_labels(meta_text, where)
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
+        if table is None:
             return None, None
-        table = {str(entry[0]): entry[1] for entry in entries}
         missing = [name for name in names if name not in table]
         if missing:
             raise DatasetError(f'dataset.json in "{where}" has no label for "{missing[0]}" ({len(missing)} images '
@@ -314,7 +313,8 @@ def source_from_files(names, meta_text, open_file, where):
 @contextlib.contextmanager
 def open_image_folder(folder, max_images):
     names = []
-    for root, _dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith('.')]
         rel = os.path.relpath(root, folder).replace(os.sep, '/')
         names += [f if rel == '.' else f'{rel}/{f}' for f in files if is_image_fname(f)]
     names = sorted(names)[:max_images]
@@ -489,6 +489,8 @@ def main(source, dest, max_images, transform, resolution):
                 save_dataset(dest, (apply(src.load(idx)) for idx in bar), src.labels, src.label_names)
     except DatasetError as e:
         raise click.ClickException(str(e)) from e
+    except OSError as e:  # a full disk, a read-only destination, ...: nothing is left under --dest
+        raise click.ClickException(os_error_message(e)) from e
     click.echo(f'Wrote {num} images to "{dest}"')
 
 

@@ -196,6 +196,8 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, batch, device, trust_pi
                             **sampler_kwargs)
     except ValueError as e:
         raise click.ClickException(str(e))
+    except OSError as e:  # a full disk, a read-only --outdir, ...
+        raise click.ClickException(dnnlib.util.os_error_message(e))
     dist.barrier()
     dist.print0('Done.')
     dist.shutdown()

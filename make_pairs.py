@@ -11,6 +11,7 @@ import os
 
 import click
 
+import dnnlib
 from generate import check_class, inference_precision, init_and_load, parse_int_list, precision_option
 from torch_utils import distributed as dist
 from training import networks, pairs
@@ -61,7 +62,10 @@ def main(teacher_pkl, outdir, seeds, shard_size, batch, class_idx, device, trust
     except ValueError as e:
         raise click.ClickException(str(e))
     dist.barrier()
-    os.makedirs(outdir, exist_ok=True)
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as e:
+        raise click.ClickException(dnnlib.util.os_error_message(e))
 
     mine = todo[dist.get_rank() :: dist.get_world_size()]
     dist.print0(f'{len(plan) - len(todo)} of {len(plan)} shards complete in "{outdir}"; making {len(todo)} with '
@@ -73,6 +77,8 @@ def main(teacher_pkl, outdir, seeds, shard_size, batch, class_idx, device, trust
                 pairs.make_shard(net, outdir, k, shard_seeds, config, batch=batch, device=device)
         except ValueError as e:
             raise click.ClickException(f'shard {k}: {e}')
+        except OSError as e:  # a full disk, a read-only --outdir, ...: the shards written so far stay complete
+            raise click.ClickException(dnnlib.util.os_error_message(e))
     dist.barrier()
     dist.print0('Done.')
     dist.shutdown()

@@ -213,6 +213,8 @@ def build_cmd(outdir, resolution, channels, K, seed, num_images, fit_kimg, fit_b
         build(outdir, problem_kwargs, num_images, fit_kimg, fit_kwargs, net_kwargs, log=click.echo)
     except ValueError as e:
         raise click.ClickException(str(e))
+    except OSError as e:  # a full disk, a read-only --outdir, ...
+        raise click.ClickException(dnnlib.util.os_error_message(e))
     click.echo(f'Done: {outdir}')
 
 
@@ -246,7 +248,10 @@ def metrics_cmd(problem, images, network, labels, num, num_steps, trust_pickle, 
     for key, name in [('fd', 'FD'), ('mode_tv', 'mode TV'), ('precision', 'precision'), ('spread', 'spread')]:
         click.echo(f'{name:12s}{result["images"][key]:12.5f}{result["floor"][key]:12.5f}')
     if out is not None:
-        dnnlib.util.atomic_write(out, lambda f: f.write(json.dumps(result, indent=2)), mode='w')
+        try:
+            dnnlib.util.atomic_write(out, lambda f: f.write(json.dumps(result, indent=2)), mode='w')
+        except OSError as e:
+            raise click.ClickException(dnnlib.util.os_error_message(e))
 
 # ----------------------------------------------------------------------------
 

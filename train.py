@@ -8,6 +8,7 @@ as training_options.json in the run directory.
 import json
 import math
 import os
+import pickle
 import re
 import warnings
 
@@ -16,7 +17,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed
-from training import training_loop
+from training import run_dir, training_loop
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
 
@@ -64,6 +65,7 @@ def open_dataset(data, cond, xflip, cache, max_size=None):
                              xflip=xflip, cache=cache, max_size=max_size)
     try:
         ds = ImageFolderDataset(**{k: v for k, v in kwargs.items() if k != 'class_name'})
+        ds.verify()  # every image readable and of one shape, before any directory exists
     except (IOError, OSError, ValueError) as e:
         raise click.ClickException(f'--data: {e}')
     if cond and not ds.has_labels:
@@ -110,6 +112,7 @@ def setup_edm(opts, c, ds):
     )
     if opts.transfer is not None:
         c.transfer = opts.transfer
+        c.method_kwargs.ema_rampup_ratio = None  # as EDM: the copied weights are not a fresh start
     return f'{ds.name}-{"cond" if opts.cond else "uncond"}-{opts.arch}-{opts.precond}'
 
 
@@ -399,7 +402,7 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=se
 @click.option('--snap',          help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50)
 @click.option('--dump',          help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500)
 @click.option('--seed',          help='Random seed  [default: random]', metavar='INT', type=click.IntRange(min=0))
-@click.option('--resume',        help='Resume from a training state or a run directory (continues in that directory)', metavar='PT|DIR', type=str)
+@click.option('--resume',        help='Resume from a training state or a run directory (continues in that directory; pass the run\'s options)', metavar='PT|DIR', type=str)
 @click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
 def main(**kwargs):
     """Train a diffusion model or distill one into a fast generator.
@@ -409,7 +412,18 @@ def main(**kwargs):
     torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
         --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
     """
-    opts = dnnlib.EasyDict(kwargs)
+    try:
+        finished = _main(dnnlib.EasyDict(kwargs))
+    except OSError as e:  # a full disk, a read-only --outdir, ...: one line naming the file
+        raise click.ClickException(dnnlib.util.os_error_message(e)) from e
+    except dnnlib.util.RunError as e:
+        raise click.ClickException(str(e)) from e
+    if finished is False:  # stopped by SIGTERM/SIGINT with its state written: a scheduler should requeue it
+        raise click.exceptions.Exit(dnnlib.util.EXIT_STOPPED)
+
+
+def _main(opts):
+    """The command; returns True when training finished, False when it was stopped (None: dry run)."""
     device = distributed.init(opts.device)
     world_size = distributed.get_world_size()
 
@@ -433,12 +447,17 @@ def main(**kwargs):
     elif opts.method == 'edm':
         raise click.ClickException('--method=edm needs --data=ZIP|DIR (make one with dataset_tool.py)')
     desc = METHODS[opts.method](opts, c, ds)
+    transfer_note = None
     if opts.transfer is not None:
-        _check_network('--transfer', opts.transfer, ds, opts.trust_pickle)
+        if 'transfer' not in c:
+            raise click.ClickException(f'--transfer initialises --method=edm only; drop it for --method={opts.method}')
+        transfer_note = _check_transfer(c, ds, _check_network('--transfer', opts.transfer, ds, opts.trust_pickle))
     if opts.teacher is not None:
         c.teacher = opts.teacher
         if not opts.dry_run:
-            _check_network('--teacher', opts.teacher, None, opts.trust_pickle)
+            teacher = _check_network('--teacher', opts.teacher, ds, opts.trust_pickle)
+            if c.method_kwargs.get('pairs') is not None:
+                _check_pairs(c.method_kwargs, opts.teacher, teacher)
         elif not dnnlib.util.is_url(opts.teacher) and not os.path.isfile(opts.teacher):
             raise click.ClickException(f'--teacher: no such file "{opts.teacher}"')
     c.trust_pickle = opts.trust_pickle
@@ -459,6 +478,8 @@ def main(**kwargs):
         if not dnnlib.util.is_url(opts.ref) and not os.path.isfile(opts.ref):
             raise click.ClickException(f'--ref: no such file "{opts.ref}"')
         c.metric_kwargs = dnnlib.EasyDict(ref=opts.ref, detector=opts.detector)
+        if not opts.dry_run:
+            _check_metrics(c.metric_kwargs)
 
     # Random seed: drawn on rank 0 and shared, then recorded, so the run can be repeated from its options.
     if opts.seed is None:
@@ -477,6 +498,11 @@ def main(**kwargs):
             raise click.ClickException(f'--resume: "{opts.resume}" does not exist')
         c.resume_state = opts.resume
         c.run_dir = opts.resume if os.path.isdir(opts.resume) else os.path.dirname(os.path.abspath(opts.resume))
+        old = run_dir.read_options(c.run_dir)
+        if not _given('seed'):
+            c.seed = old.get('seed')  # the seed the run drew: the same options continue the same run
+        resume_changes = run_dir.check_options(old, c)
+        resume_from = training_loop.find_latest_state(opts.resume)  # the state must load: checked now
     elif opts.nosubdir:
         c.run_dir = opts.outdir
     else:
@@ -485,20 +511,31 @@ def main(**kwargs):
     if opts.dry_run:
         _print_options(c, world_size)
         distributed.print0('Dry run; exiting.')
-        return
+        return None
 
-    if distributed.get_rank() == 0:
-        os.makedirs(c.run_dir, exist_ok=True)
-        if opts.resume is None:
-            dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'),
-                                     lambda f: json.dump(c, f, indent=2), mode='w')
-        logger = dnnlib.util.Logger(os.path.join(c.run_dir, 'log.txt'), file_mode='a')
-    _print_options(c, world_size)
+    lock = logger = None
     try:
-        training_loop.training_loop(**c, device=device)
-    finally:
         if distributed.get_rank() == 0:
+            os.makedirs(c.run_dir, exist_ok=True)
+            lock = run_dir.lock(c.run_dir)  # one run writes here at a time
+            removed = dnnlib.util.remove_temp_files(c.run_dir)  # left by a killed run: never outputs
+            if opts.resume is None:
+                dnnlib.util.atomic_write(os.path.join(c.run_dir, 'training_options.json'),
+                                         lambda f: json.dump(c, f, indent=2), mode='w')
+            else:
+                run_dir.record_resume(c.run_dir, resume_from, resume_changes)
+            logger = dnnlib.util.Logger(os.path.join(c.run_dir, 'log.txt'), file_mode='a')
+            if removed:
+                print(f'Removed {len(removed)} temp file(s) left by a killed run: {", ".join(removed)}')
+        _print_options(c, world_size)
+        if transfer_note:
+            distributed.print0(transfer_note)
+        return training_loop.training_loop(**c, device=device)
+    finally:
+        if logger is not None:
             logger.close()
+        if lock is not None:
+            lock.close()  # releases the lock (the kernel does so too when a process dies)
         distributed.shutdown()
 
 
@@ -526,6 +563,55 @@ def _check_network(option, path, ds, trust):
         if got != want:
             raise click.ClickException(f'{option}: network is {got[0]}x{got[0]}x{got[1]} with {got[2]} labels, but the data '
                                        f'is {want[0]}x{want[0]}x{want[1]} with {want[2]} labels; pick a matching network or dataset')
+    return net
+
+
+def _check_transfer(c, ds, source):
+    """--transfer copies the tensors the trained network shares with the pickle (EDM's require_all=False): check the
+    shapes now; returns a line naming what is not copied, or None."""
+    from training.teacher import transfer_plan
+    interface = dict(img_resolution=ds.resolution, img_channels=ds.num_channels, label_dim=ds.label_dim)
+    with torch.device('meta'):  # shapes only, no memory
+        net = dnnlib.util.construct_class_by_name(**c.method_kwargs.network_kwargs, **interface)
+    try:
+        kept, dropped = transfer_plan(net, source)
+    except ValueError as e:
+        raise click.ClickException(f'--transfer: {e}')
+    parts = [f'kept the initial {", ".join(kept)} (not in the pickle)'] if kept else []
+    parts += [f'ignored the pickle\'s {", ".join(dropped)}'] if dropped else []
+    return f'--transfer: {"; ".join(parts)}' if parts else None
+
+
+def _check_pairs(method_kwargs, teacher_path, teacher):
+    """DMD's regression pairs (and their distance's weights) must be readable and made by this teacher."""
+    from training import pairs
+    from training.distances import make_distance
+    try:
+        pair_set = pairs.PairSet(method_kwargs.pairs)
+        pair_set.check_teacher(teacher)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'--pairs: {e}')
+    if pair_set.teacher_sha256 != pairs.file_sha256(teacher_path):
+        raise click.ClickException(f'--pairs: "{method_kwargs.pairs}" holds pairs of another teacher '
+                                   f'({pair_set.teacher}); make pairs with this --teacher (make_pairs.py) or distill '
+                                   f'the teacher they came from')
+    try:
+        make_distance(method_kwargs.reg_loss, **method_kwargs.reg_kwargs)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # offline, missing, not the weight files
+        raise click.ClickException(f'--reg-loss={method_kwargs.reg_loss}: {e}')
+
+
+def _check_metrics(metric_kwargs):
+    """--metrics: the reference statistics and the detector load now, not at the first snapshot."""
+    from training import metrics
+    try:
+        metrics.load_ref(metric_kwargs.ref)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'--ref: {e}')
+    try:
+        metrics.load_detector(metric_kwargs.detector)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'--detector: {e}')
 
 
 # ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Small utilities shared by every script: EasyDict, construction by dotted name, logging, time formatting, open_url."""
 
+import errno
 import hashlib
 import importlib
 import io
@@ -116,26 +117,68 @@ def construct_class_by_name(*args, class_name=None, **kwargs):
     return call_func_by_name(*args, func_name=class_name, **kwargs)
 
 # ----------------------------------------------------------------------------
-# Atomic writes: a crash never leaves a truncated file under the final name.
+# Atomic writes: a crash never leaves a truncated file under the final name. The temp file is hidden and ends in
+# .tmp (`.network-snapshot-000000.pkl.k3j9x_2a.tmp`), so no reader mistakes one left by a kill for an output.
+
+_TEMP_NAME = re.compile(r'\..+\.[a-z0-9_]{8}\.tmp')  # what mkstemp makes from prefix='.NAME.', suffix='.tmp'
+
 
 def atomic_write(path, write_fn, mode='wb'):
-    """Call write_fn(f) on a temp file beside `path`, then os.replace it into place."""
+    """Call write_fn(f) on a temp file beside `path`, then os.replace it into place. OS errors name `path`."""
     path = os.fspath(path)
     dirname = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='-' + os.path.basename(path), dir=dirname)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the final file the usual permissions
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=dirname)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the final file the usual permissions
         with os.fdopen(fd, mode) as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename != path:  # a failed write() names no file, mkstemp the temp one
+            raise OSError(e.errno, e.strerror or str(e), path) from e
         raise
+
+
+def is_hidden(name):
+    """'/'-separated names with a component starting with '.' (atomic_write's temp files, .DS_Store, ...): readers
+    of images skip them."""
+    return any(part.startswith('.') for part in name.split('/'))
+
+
+def remove_temp_files(dirname):
+    """Delete the temp files atomic_write left in `dirname` when a process was killed; returns their names."""
+    names = sorted(n for n in os.listdir(dirname) if _TEMP_NAME.fullmatch(n) and os.path.isfile(os.path.join(dirname, n)))
+    for name in names:
+        os.remove(os.path.join(dirname, name))
+    return names
+
+# ----------------------------------------------------------------------------
+# How every command line fails (README "Exit codes"): one line `Error: ...` and a code a scheduler can act on.
+
+EXIT_ERROR = 1      # bad input, an unreadable or unwritable file, a run that cannot go on (e.g. it diverged)
+EXIT_USAGE = 2      # a malformed command line (click's usage errors)
+EXIT_STOPPED = 75   # train.py stopped by SIGTERM/SIGINT after writing a training state (EX_TEMPFAIL): resume it
+
+
+class RunError(Exception):
+    """A failure the user must fix, reported by the command lines as `Error: <message>` with EXIT_ERROR and no
+    traceback. The message is one line naming the file or option and the fix."""
+
+
+def os_error_message(e):
+    """An OSError (full disk, read-only or missing directory, ...) as one line naming the file and the fix."""
+    where = f'"{e.filename}": ' if e.filename is not None else ''
+    fix = {errno.ENOSPC: 'free disk space', errno.EDQUOT: 'free disk space (quota exceeded)',
+           errno.EACCES: 'make it writable or write elsewhere', errno.EROFS: 'the file system is read-only; write elsewhere',
+           errno.EPERM: 'make it writable or write elsewhere', errno.ENOENT: 'check the path'}.get(e.errno, 'check the file system')
+    return f'{where}{e.strerror or e}; {fix}'
 
 # ----------------------------------------------------------------------------
 # open_url: local paths and file:// directly, http(s) through a cache.

@@ -110,7 +110,7 @@ def test_cifar10_exact(tmp_path, dest_name):
                                                    'label_names': CIFAR_NAMES}
     pixels = np.stack([decode(entries[n]) for n in names(20)])
     np.testing.assert_array_equal(pixels, hwc)  # lossless, batches 1..5 in order, test_batch left out
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.tmp-')] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith('.tmp')] == []
 
 
 def test_cifar10_max_images(tmp_path):

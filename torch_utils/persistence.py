@@ -16,6 +16,8 @@ import importlib
 import inspect
 import io
 import pickle
+import pickletools
+import struct
 import sys
 import types
 
@@ -192,6 +194,31 @@ def _reconstruct_safely(meta):
     return _Persisted(class_name, state)
 
 
+# What the unpickler and the allow-listed rebuilders raise on garbled bytes (no other code runs while unpickling).
+_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, MemoryError, AttributeError, IndexError,
+                    KeyError, OverflowError, RecursionError, RuntimeError, struct.error)
+
+# What this project's constructors raise on stored arguments they cannot use.
+_CONSTRUCTION_ERRORS = (TypeError, ValueError, AssertionError, KeyError, IndexError, ZeroDivisionError, RuntimeError,
+                        OverflowError)
+
+
+def _scan(f):
+    """Walk the opcodes without executing them: a truncated or garbled file fails here, and so does a memo index no
+    pickler writes (the unpickler would allocate a memo table that large, e.g. 2**32 entries from one flipped bit)."""
+    puts = 0
+    try:
+        for op, arg, _pos in pickletools.genops(f):
+            if op.name in ('PUT', 'BINPUT', 'LONG_BINPUT'):
+                if arg > puts:
+                    raise ValueError(f'memo index {arg} after {puts} entries')
+                puts += arg == puts
+            elif op.name == 'MEMOIZE':
+                puts += 1
+    except (ValueError, OverflowError, struct.error) as e:  # pickletools' reports on malformed streams
+        raise PickleLoadError(f'is truncated, corrupt or not a pickle ({_summary(e)})') from None
+
+
 def _summary(e):
     """An exception as one short line (torch's own messages span many lines)."""
     lines = str(e).strip().splitlines()
@@ -283,14 +310,16 @@ def _build(p):
     args, kwargs = state.get('_init_args'), state.get('_init_kwargs')
     if not isinstance(args, tuple) or not isinstance(kwargs, dict) or not _is_plain(args) or not _is_plain(kwargs):
         raise PickleLoadError(f'persisted {p.class_name} lacks plain-data constructor arguments (_init_args/_init_kwargs)')
+    cls = dnnlib.util.get_obj_by_name(_safe_classes[p.class_name])
     try:
-        obj = dnnlib.util.get_obj_by_name(_safe_classes[p.class_name])(*args, **kwargs)
-    except (TypeError, ValueError) as e:  # stored arguments this project's class does not take or rejects
+        with torch.device('meta'):  # shapes first, allocating nothing: garbled arguments could ask for a huge network
+            shell = cls(*args, **kwargs)
+    except _CONSTRUCTION_ERRORS as e:  # stored arguments this project's class does not take or rejects
         raise PickleLoadError(f'cannot construct {_safe_classes[p.class_name]} from the stored arguments ({_summary(e)})') from None
-    if isinstance(obj, torch.nn.Module):
+    if isinstance(shell, torch.nn.Module):
         tensors = dict()
         _gather_tensors(state, '', tensors)
-        expected = obj.state_dict()
+        expected = shell.state_dict()
         problems = [f'missing {k}' for k in expected if k not in tensors]
         problems += [f'unexpected {k}' for k in tensors if k not in expected]
         problems += [f'{k} has shape {list(t.shape)}, expected {list(expected[k].shape)}'
@@ -298,6 +327,8 @@ def _build(p):
         if problems:
             raise PickleLoadError(f'stored weights of {p.class_name} do not match training.networks '
                                   f'({len(problems)} problems: {"; ".join(problems[:3])})')
+    obj = cls(*args, **kwargs)  # for real: as large as the stored tensors, which the file's size bounds
+    if isinstance(obj, torch.nn.Module):
         obj.load_state_dict(tensors, strict=True)
         for name, param in obj.named_parameters():
             param.requires_grad_(tensors[name].requires_grad)  # EDM's ema copies are frozen
@@ -305,6 +336,8 @@ def _build(p):
     # Public plain-data attributes carry settings made after construction (e.g. a student's sampling_spec).
     for name, value in state.items():
         if not name.startswith('_') and name != 'training' and _is_plain(value):
+            if hasattr(type(obj), name):  # a method or property (e.g. init_kwargs) is not an attribute to overwrite
+                raise PickleLoadError(f'persisted {p.class_name} sets "{name}", which its class defines')
             setattr(obj, name, value)
     return obj
 
@@ -335,17 +368,23 @@ def load(f, allow_code=False):
     """
     global _code_execution_allowed
     where = f'"{f.name}"' if isinstance(getattr(f, 'name', None), str) else 'pickle'
-    if f.seekable():
-        start = f.tell()
-        magic = f.read(4)
-        f.seek(start)
-        if magic == b'PK\x03\x04':
-            raise PickleLoadError(f'{where} is a zip archive (a torch.save checkpoint or a dataset), not a pickle')
+    if not f.seekable():
+        f = io.BytesIO(f.read())
+    start = f.tell()
+    magic = f.read(4)
+    f.seek(start)
+    if magic == b'PK\x03\x04':
+        raise PickleLoadError(f'{where} is a zip archive (a torch.save checkpoint or a dataset), not a pickle')
+    try:
+        _scan(f)
+    except PickleLoadError as e:
+        raise PickleLoadError(f'{where} {e}') from None
+    f.seek(start)
     if allow_code:
         prev, _code_execution_allowed = _code_execution_allowed, True
         try:
             return pickle.Unpickler(f).load()
-        except (pickle.UnpicklingError, EOFError) as e:
+        except (pickle.UnpicklingError, EOFError) as e:  # not _UNPICKLE_ERRORS: the trusted code's own errors pass
             raise PickleLoadError(f'{where} is truncated, corrupt or not a pickle ({_summary(e)})') from None
         finally:
             _code_execution_allowed = prev
@@ -353,7 +392,7 @@ def load(f, allow_code=False):
         raw = _SafeUnpickler(f).load()
     except PickleLoadError as e:
         raise type(e)(f'{where}: {e}') from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, MemoryError) as e:  # what bad bytes make pickle raise
+    except _UNPICKLE_ERRORS as e:
         raise PickleLoadError(f'{where} is truncated, corrupt or not a pickle ({_summary(e)})') from None
     try:
         obj = _materialize(raw, dict())

@@ -1,14 +1,49 @@
 """Datasets made by dataset_tool.py (a zip or folder of images + dataset.json), served as uint8 CHW + one-hot labels."""
 
+import io
 import json
 import os
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 import PIL.Image
 import torch
 
+import dnnlib
+
 # ----------------------------------------------------------------------------
+
+# What PIL and zipfile raise for a damaged image file or zip member.
+_BAD_IMAGE = (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, struct.error)
+
+
+def parse_labels(text, where):
+    """dataset.json ({"labels": [[file name, class], ...] or null}) as {file name: class}, or None for no labels.
+    Malformed files give one line naming the file and the fix."""
+    fix = ('write it as {"labels": [["00000/img00000000.png", 6], ...]} (one [file name, class] pair per image, '
+           'as dataset_tool.py does) or {"labels": null}')
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f'dataset.json in "{where}" is not valid JSON ({e}); {fix}') from None
+    if not isinstance(meta, dict) or 'labels' not in meta:
+        raise ValueError(f'dataset.json in "{where}" is a {type(meta).__name__} without a "labels" key; {fix}')
+    entries = meta['labels']
+    if entries is None:
+        return None
+    if not isinstance(entries, list):
+        raise ValueError(f'dataset.json in "{where}": "labels" is a {type(entries).__name__}, not a list; {fix}')
+    table = {}
+    for i, entry in enumerate(entries):
+        ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+        if not ok or not isinstance(entry[1], int) or isinstance(entry[1], bool) or entry[1] < 0:
+            raise ValueError(f'dataset.json in "{where}": labels entry {i} is {json.dumps(entry)[:80]}, not a '
+                             f'[file name, non-negative integer class] pair; {fix}')
+        table[entry[0].replace('\\', '/')] = entry[1]
+    return table
+
 
 def check_network_matches(net, dataset, fix):
     """One-line error unless the network's resolution, channels and label count are the dataset's; fix: the advice."""
@@ -34,8 +69,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self._zip_pid = None
         if os.path.isdir(self._path):
             self._type = 'dir'
-            all_fnames = [os.path.relpath(os.path.join(root, f), self._path).replace(os.sep, '/')
-                          for root, _dirs, files in os.walk(self._path) for f in files]
+            all_fnames = []
+            for root, dirs, files in os.walk(self._path):
+                dirs[:] = [d for d in dirs if not d.startswith('.')]
+                all_fnames += [os.path.relpath(os.path.join(root, f), self._path).replace(os.sep, '/') for f in files]
         elif not os.path.exists(self._path):
             raise IOError(f'Dataset "{self._path}" does not exist; pass a zip or folder made by dataset_tool.py')
         elif zipfile.is_zipfile(self._path):
@@ -44,7 +81,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         else:
             raise IOError(f'Dataset "{self._path}" is neither a folder nor a zip; pass one made by dataset_tool.py')
         PIL.Image.init()
-        self._image_fnames = sorted(f for f in all_fnames if os.path.splitext(f)[1].lower() in PIL.Image.EXTENSION)
+        self._image_fnames = sorted(f for f in all_fnames if os.path.splitext(f)[1].lower() in PIL.Image.EXTENSION
+                                    and not dnnlib.util.is_hidden(f))
         if len(self._image_fnames) == 0:
             raise IOError(f'No image files found in "{self._path}"; build the dataset with dataset_tool.py')
 
@@ -101,11 +139,40 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def _load_raw_image(self, raw_idx):
         fname = self._image_fnames[raw_idx]
-        with self._open_file(fname) as f:
-            img = PIL.Image.open(f)
-            img = np.array(img if img.mode in ('L', 'RGB') else img.convert('RGB'))
+        with self._open_member(fname) as f:
+            try:
+                img = PIL.Image.open(f)
+                img = np.array(img if img.mode in ('L', 'RGB') else img.convert('RGB'))
+            except _BAD_IMAGE as e:
+                raise self._unreadable(fname, e) from None
         img = img[:, :, np.newaxis] if img.ndim == 2 else img
         return img.transpose(2, 0, 1)  # HWC -> CHW
+
+    def _open_member(self, fname):
+        """_open_file, with a damaged zip entry reported as a bad image (a missing file stays an OSError)."""
+        try:
+            return self._open_file(fname)
+        except zipfile.BadZipFile as e:
+            raise self._unreadable(fname, e) from None
+
+    def _unreadable(self, fname, e):
+        return ValueError(f'Cannot read "{fname}" in "{self._path}" ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+                          f'rebuild the dataset with dataset_tool.py')
+
+    def verify(self):
+        """Read every image's bytes (a zip checks each member's CRC) and header: corrupt members and images of another
+        size fail now, naming the file, rather than in the middle of a run. About as costly as reading the data once."""
+        for fname in self._image_fnames:
+            with self._open_member(fname) as f:
+                try:
+                    img = PIL.Image.open(io.BytesIO(f.read()))
+                    shape = [1 if img.mode == 'L' else 3, img.height, img.width]
+                    img.verify()
+                except _BAD_IMAGE as e:
+                    raise self._unreadable(fname, e) from None
+            if shape != self._image_shape:
+                raise ValueError(f'Image "{fname}" in "{self._path}" has shape {shape} (CHW) but the dataset has '
+                                 f'{self._image_shape}; rebuild it with dataset_tool.py (--resolution, --transform)')
 
     def _load_raw_labels(self):
         fname = 'dataset.json'
@@ -115,17 +182,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         elif fname not in self._get_zipfile().namelist():
             return None
         with self._open_file(fname) as f:
-            entries = json.load(f).get('labels')
-        if entries is None:
+            table = parse_labels(f.read(), self._path)
+        if table is None:
             return None
-        table = {str(entry[0]).replace('\\', '/'): entry[1] for entry in entries}
         missing = [f for f in self._image_fnames if f not in table]
         if missing:
             raise ValueError(f'dataset.json in "{self._path}" has no label for "{missing[0]}"; rebuild the dataset')
-        labels = [table[f] for f in self._image_fnames]
-        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in labels):
-            raise ValueError(f'dataset.json in "{self._path}" has labels that are not non-negative integers')
-        return np.array(labels, dtype=np.int64)
+        return np.array([table[f] for f in self._image_fnames], dtype=np.int64)
 
     def __len__(self):
         return len(self._raw_idx)

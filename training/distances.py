@@ -58,7 +58,8 @@ class LPIPS(torch.nn.Module):
         except OSError as e:
             raise OSError(f'LPIPS-VGG needs two weight files: the VGG16 backbone {VGG16_URL} and the LPIPS heads '
                           f'{LPIPS_VGG_URL} (`pip install --no-deps lpips` ships them as lpips/weights/v0.1/vgg.pth); '
-                          f'download them and pass local paths as vgg=PATH, lin=PATH ({e})') from e
+                          f'download them and pass their local paths (train.py --lpips-vgg=PATH --lpips-lin=PATH; '
+                          f'LPIPS(vgg=PATH, lin=PATH)) ({e})') from e
         for name, index, c_in, c_out in _VGG16_CONVS:
             conv = torch.nn.utils.skip_init(torch.nn.Conv2d, c_in, c_out, kernel_size=3, padding=1)  # no random init
             conv.weight.data.copy_(_take(vgg_sd, f'features.{index}.weight', conv.weight.shape, vgg))

@@ -562,8 +562,9 @@ class VPPrecond(torch.nn.Module):
         self.beta_min = beta_min
         self.M = M
         self.epsilon_t = epsilon_t
-        self.sigma_min = float(self.sigma(epsilon_t))   # float32 as in EDM (0.000977: exp(x)-1 cancels at t=1e-5)
-        self.sigma_max = float(self.sigma(1))
+        with torch.device('cpu'):  # plain numbers, also when the network is built on the meta device
+            self.sigma_min = float(self.sigma(epsilon_t))   # float32 as in EDM (0.000977: exp(x)-1 cancels at t=1e-5)
+            self.sigma_max = float(self.sigma(1))
         self.model = _backbone(model_type, img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels, label_dim=label_dim, **model_kwargs)
 
     def forward(self, x, sigma, class_labels=None, force_fp32=False, **model_kwargs):
@@ -654,9 +655,10 @@ class iDDPMPrecond(torch.nn.Module):
         self.model = _backbone(model_type, img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels*2, label_dim=label_dim, **model_kwargs)
 
         # u[j] = noise level of DDPM step j, by EDM's recurrence from u[M] = 0 (float32, as the official buffer).
-        u = torch.zeros(M + 1)
-        for j in range(M, 0, -1):
-            u[j - 1] = ((u[j] ** 2 + 1) / (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=C_1) - 1).sqrt()
+        with torch.device('cpu'):  # a table of numbers, also when the network is built on the meta device
+            u = torch.zeros(M + 1)
+            for j in range(M, 0, -1):
+                u[j - 1] = ((u[j] ** 2 + 1) / (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=C_1) - 1).sqrt()
         self.register_buffer('u', u)
         self.sigma_min = float(u[M - 1])
         self.sigma_max = float(u[0])

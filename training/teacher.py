@@ -11,6 +11,27 @@ from training.ema import EMA
 
 # ----------------------------------------------------------------------------
 
+def transfer_plan(net, source):
+    """What copy_matching(net, source) does: (names of net it keeps because source lacks them, names of source it
+    drops because net lacks them). A tensor both have with different shapes is a ValueError (EDM: an error too)."""
+    ours, theirs = net.state_dict(), source.state_dict()
+    bad = [f'{k} {list(theirs[k].shape)} vs {list(v.shape)}' for k, v in ours.items() if k in theirs and theirs[k].shape != v.shape]
+    if bad:
+        raise ValueError(f'{len(bad)} tensors have other shapes than in the network being trained ({"; ".join(bad[:3])}); '
+                         f'pick a pickle of the same architecture (--arch, --cbase, --cres)')
+    return [k for k in ours if k not in theirs], [k for k in theirs if k not in ours]
+
+
+@torch.no_grad()
+def copy_matching(net, source):
+    """EDM's copy_params_and_buffers(require_all=False): every tensor of net that source has by name is copied."""
+    transfer_plan(net, source)
+    theirs = source.state_dict()
+    for name, t in net.state_dict().items():
+        if name in theirs:
+            t.copy_(theirs[name])
+
+
 class EDM:
     def __init__(self,
         device,                         # torch.device of this rank
@@ -34,7 +55,7 @@ class EDM:
         interface = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
         self.net = dnnlib.util.construct_class_by_name(**network_kwargs, **interface).train().requires_grad_(True).to(device)
         if transfer is not None:
-            self.net.load_state_dict(transfer.state_dict())
+            copy_matching(self.net, transfer)
         self.loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
         self.augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs is not None else None
         self.lr = optimizer_kwargs['lr']

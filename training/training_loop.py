@@ -76,16 +76,45 @@ def state_path(run_dir, cur_nimg):
     return os.path.join(run_dir, f'training-state-{cur_nimg // 1000:06d}.pt')
 
 
-def find_latest_state(path):
-    """A state file as given, or the newest complete training-state-*.pt in a run directory."""
+_STATE_KEYS = ('method', 'cur_nimg', 'cur_tick', 'tick_start_nimg', 'step', 'world_size', 'rng')
+
+
+def state_problem(path):
+    """Why a file cannot be resumed from (truncated, corrupt, not a training state), or None. Memory-maps the file:
+    cheap even for large states."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # what torch raises on damaged files
+        return f'{type(e).__name__}: {str(e).strip().split(". ")[0][:200]}'  # torch adds paragraphs of advice
+    if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
+        return 'not a training state written by this project'
+    return None
+
+
+def find_latest_state(path, log=None):
+    """A state file as given, or the newest complete training-state-*.pt in a run directory; newer ones that are
+    damaged are skipped, each reported through log(message). RunError when there is none to resume from."""
     if os.path.isfile(path):
+        problem = state_problem(path)
+        if problem is not None:
+            raise dnnlib.util.RunError(f'--resume: "{path}" is not a complete training state ({problem}); pass an '
+                                       f'older one, or the run directory to take the newest complete one')
         return path
     if not os.path.isdir(path):
-        raise FileNotFoundError(f'--resume: "{path}" is neither a training state nor a run directory')
+        raise dnnlib.util.RunError(f'--resume: "{path}" is neither a training state nor a run directory')
     names = [n for n in os.listdir(path) if re.fullmatch(r'training-state-\d+\.pt', n)]
-    if not names:
-        raise FileNotFoundError(f'--resume: no training-state-*.pt in "{path}"')
-    return os.path.join(path, max(names, key=lambda n: (int(n[15:-3]), os.path.getmtime(os.path.join(path, n)))))
+    names.sort(key=lambda n: (int(n[15:-3]), os.path.getmtime(os.path.join(path, n))), reverse=True)
+    for name in names:
+        problem = state_problem(os.path.join(path, name))
+        if problem is None:
+            return os.path.join(path, name)
+        if log is not None:
+            log(f'Skipping "{name}": not a complete training state ({problem})')
+    if names:
+        raise dnnlib.util.RunError(f'--resume: none of the {len(names)} training-state-*.pt in "{path}" is complete; '
+                                   f'start a new run, or resume from a copy of the run that has one')
+    raise dnnlib.util.RunError(f'--resume: no training-state-*.pt in "{path}"; nothing to resume (the run stopped '
+                               f'before its first state dump), start it again without --resume')
 
 
 def _write_pickle(obj, path):
@@ -96,13 +125,24 @@ def _write_state(state, path):
     dnnlib.util.atomic_write(path, lambda f: torch.save(state, f))
 
 
+def _whole_line(line):
+    """A last stats line without its newline: itself (newline added) if it parses, else '' (torn)."""
+    try:
+        json.loads(line)
+    except ValueError:
+        return ''
+    return line + '\n'
+
+
 def _truncate_stats(path, max_nimg):
     """On resume, drop stats lines logged after the state was written, so stats.jsonl stays one consistent run."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
         lines = [l for l in f if l.strip()]
-    keep = [l for l in lines if json.loads(l).get('Progress/kimg', {}).get('mean', 0) * 1000 <= max_nimg + 1e-6]
+    if lines and not lines[-1].endswith('\n'):  # a kill while writing the last line: keep it only if it is whole
+        lines[-1] = _whole_line(lines[-1])
+    keep = [l for l in lines if l and json.loads(l).get('Progress/kimg', {}).get('mean', 0) * 1000 <= max_nimg + 1e-6]
     dnnlib.util.atomic_write(path, lambda f: f.write(''.join(keep)), mode='w')
 
 # ----------------------------------------------------------------------------
@@ -185,7 +225,7 @@ def _training_loop(
     tick_start_nimg = 0
     step = 0
     if resume_state is not None:
-        path = find_latest_state(resume_state)
+        path = find_latest_state(resume_state, log=distributed.print0)
         distributed.print0(f'Resuming from "{path}"...')
         state = torch.load(path, map_location='cpu', weights_only=True)
         method.load_state_dict(state['method'])
@@ -207,7 +247,11 @@ def _training_loop(
     data_iter = None
     if dataset is not None:
         sampler = RankSampler(stream, batch_size, rank, world_size, start_step=step)
-        loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, **data_loader_kwargs)
+        # The loader's own generator: iter() draws a worker base seed, which must not consume the global
+        # stream restored from a training state (dropout reads that one).
+        generator = torch.Generator().manual_seed(seed * world_size + rank)
+        loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu, generator=generator,
+                                             **data_loader_kwargs)
         data_iter = iter(loader)
 
     # Preview grid: fixed latents and labels, so grids from different snapshots are comparable.
