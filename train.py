@@ -110,6 +110,12 @@ def setup_dmd(opts, c, ds):
             reg_kwargs.vgg = opts.lpips_vgg
         if opts.lpips_lin is not None:
             reg_kwargs.lin = opts.lpips_lin
+        if opts.pairs is not None and not opts.dry_run:  # LPIPS's weights: downloaded and checked before any directory exists
+            from training.distances import make_distance
+            try:
+                make_distance('lpips', **reg_kwargs)
+            except (OSError, ValueError) as e:
+                raise click.ClickException(f'LPIPS: {e}')
     c.method_kwargs = dnnlib.EasyDict(
         class_name='training.distill.dmd.DMD',
         sigma_init=opts.sigma_init,                             # generator input noise level
@@ -385,7 +391,10 @@ def main(**kwargs):
         --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
     """
     opts = dnnlib.EasyDict(kwargs)
-    device = distributed.init(opts.device)
+    try:
+        device = distributed.init(opts.device)
+    except ValueError as e:  # a malformed $EDM_DISTILL_TIMEOUT_MIN
+        raise click.ClickException(str(e))
     world_size = distributed.get_world_size()
 
     # Checks that need no files.
@@ -405,15 +414,16 @@ def main(**kwargs):
                                                prefetch_factor=2 if opts.workers > 0 else None)
     elif opts.method == 'edm':
         raise click.ClickException('--method=edm needs --data=ZIP|DIR (make one with dataset_tool.py)')
-    desc = METHODS[opts.method](opts, c, ds)
-    if opts.transfer is not None:
-        _check_network('--transfer', opts.transfer, ds, opts.trust_pickle)
-    if opts.teacher is not None:
-        c.teacher = opts.teacher
-        if not opts.dry_run:
-            _check_network('--teacher', opts.teacher, None, opts.trust_pickle)
-        elif not dnnlib.util.is_url(opts.teacher) and not os.path.isfile(opts.teacher):
-            raise click.ClickException(f'--teacher: no such file "{opts.teacher}"')
+    with distributed.rank0_first():  # the checks load every network file: rank 0 fills the download cache first
+        desc = METHODS[opts.method](opts, c, ds)
+        if opts.transfer is not None:
+            _check_network('--transfer', opts.transfer, ds, opts.trust_pickle)
+        if opts.teacher is not None:
+            c.teacher = opts.teacher
+            if not opts.dry_run:
+                _check_network('--teacher', opts.teacher, None, opts.trust_pickle)
+            elif not dnnlib.util.is_url(opts.teacher) and not os.path.isfile(opts.teacher):
+                raise click.ClickException(f'--teacher: no such file "{opts.teacher}"')
     c.trust_pickle = opts.trust_pickle
     c.batch_size = opts.batch
     c.batch_gpu = batch_gpu
@@ -453,8 +463,8 @@ def main(**kwargs):
         c.run_dir = opts.resume if os.path.isdir(opts.resume) else os.path.dirname(os.path.abspath(opts.resume))
     elif opts.nosubdir:
         c.run_dir = opts.outdir
-    else:
-        c.run_dir = next_run_dir(opts.outdir, desc)
+    else:  # rank 0 decides: a rank that looked later would see rank 0's new directory and pick the next id
+        c.run_dir = distributed.broadcast_object(next_run_dir(opts.outdir, desc) if distributed.get_rank() == 0 else None)
 
     if opts.dry_run:
         _print_options(c, world_size)
