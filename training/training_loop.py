@@ -184,7 +184,7 @@ def training_loop(
             _truncate_stats(os.path.join(run_dir, 'stats.jsonl'), cur_nimg)
         del state
     else:
-        torch.manual_seed(seed * world_size + rank)  # per-rank stream for whatever is not keyed by sample (dropout)
+        torch.manual_seed(seed * world_size + rank)  # per-rank stream for whatever is not keyed by sample
         np.random.seed((seed * world_size + rank) % (1 << 31))
         random.seed(seed * world_size + rank)
 
