@@ -194,6 +194,17 @@ def test_cli_dmd_gan_needs_data(teacher_pkl, tmp_path):
     assert not (tmp_path / 'runs').exists()
 
 
+def test_cli_dmd_lpips_weights_checked_before_any_directory(teacher_pkl, tmp_path):
+    """LPIPS's weights are loaded with the other network files (rank 0 first), before the run directory exists."""
+    torch.save({'features.0.weight': torch.zeros(3)}, tmp_path / 'not-vgg.pth')
+    for vgg, message in [(tmp_path / 'missing.pth', 'No such file'), (tmp_path / 'not-vgg.pth', 'features.0.weight')]:
+        r = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "runs"}', '--method=dmd', '--device=cpu',
+                                            f'--teacher={teacher_pkl}', f'--pairs={tmp_path}', f'--lpips-vgg={vgg}',
+                                            f'--lpips-lin={tmp_path / "not-vgg.pth"}'])
+        assert r.exit_code != 0 and 'Error: LPIPS:' in r.output and message in r.output, r.output
+        assert not (tmp_path / 'runs').exists()
+
+
 def test_in_training_fid_equals_fid_of_generated_images(teacher_pkl, tmp_path):
     """--metrics=fid1k with the pixel detector gives the FD that generate.py + fid.py calc give for seeds 0-999."""
     from training import metrics
