@@ -110,7 +110,7 @@ def setup_dmd(opts, c, ds):
             reg_kwargs.vgg = opts.lpips_vgg
         if opts.lpips_lin is not None:
             reg_kwargs.lin = opts.lpips_lin
-        if opts.pairs is not None and not opts.dry_run:  # LPIPS's weights: downloaded and checked before any directory exists
+        if opts.pairs is not None and not opts.dry_run:  # its weights, downloaded and checked before any directory
             from training.distances import make_distance
             try:
                 make_distance('lpips', **reg_kwargs)
