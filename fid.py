@@ -4,7 +4,10 @@ Runs under torchrun (images split across ranks, statistics summed). Examples:
 
     python fid.py ref --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
     torchrun --standalone --nproc_per_node=2 fid.py calc --images=out --ref=fid-refs/cifar10-32x32.npz
-    python fid.py calc --images=out --ref=toy.npz --num=1000 --detector=pixels
+    python fid.py calc --images=out --ref=toy.npz --num-images=1000 --detector=pixels
+
+(`--num-images`, not EDM's `--num`: torchrun rejects `--num` as an ambiguous abbreviation of its `--numa-binding`;
+`--num` still works without torchrun.)
 """
 
 import functools
@@ -77,15 +80,21 @@ def main():
 @main.command()
 @click.option('--images', 'image_path', help='Generated images: a folder or zip', metavar='PATH|ZIP', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics (np.savez with mu, sigma)', metavar='NPZ|URL', type=str, required=True)
-@click.option('--num', 'num_expected', help='Number of images to use', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--num-images', 'num_expected', help='Number of images to use', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--num', 'num_alias', help='EDM\'s name of --num-images (not under torchrun)', metavar='INT', type=click.IntRange(min=2), hidden=True)
 @click.option('--seed', help='Random seed for choosing the images when there are more', metavar='INT', type=int, default=0, show_default=True)
 @_with_detector_options
 @_one_line_errors
-def calc(image_path, ref_path, num_expected, seed, detector, trust_detector, max_batch_size, num_workers):
+def calc(image_path, ref_path, num_expected, num_alias, seed, detector, trust_detector, max_batch_size, num_workers):
     """Calculate FID of images in a folder or zip against reference statistics."""
+    if num_alias is not None:
+        if click.get_current_context().get_parameter_source('num_expected') != click.core.ParameterSource.DEFAULT:
+            raise click.UsageError('--num is --num-images under another name: give only one of them')
+        num_expected = num_alias
     device = dist.init()
-    mu_ref, sigma_ref = metrics.load_ref(ref_path)
-    detector_net = metrics.load_detector(detector, device=device, trust=trust_detector)
+    with dist.rank0_first():  # a URL is downloaded into the cache once
+        mu_ref, sigma_ref = metrics.load_ref(ref_path)
+        detector_net = metrics.load_detector(detector, device=device, trust=trust_detector)
     dataset = _open_images(image_path)
 
     # Fail before the long pass if these images cannot match the reference (pixels: resolution, channels).
@@ -115,7 +124,8 @@ def calc(image_path, ref_path, num_expected, seed, detector, trust_detector, max
 def ref(dataset_path, dest_path, detector, trust_detector, max_batch_size, num_workers):
     """Calculate reference statistics (mu, sigma) over all images of a dataset."""
     device = dist.init()
-    detector_net = metrics.load_detector(detector, device=device, trust=trust_detector)
+    with dist.rank0_first():  # a URL is downloaded into the cache once
+        detector_net = metrics.load_detector(detector, device=device, trust=trust_detector)
     dataset = _open_images(dataset_path)
 
     dist.print0(f'Calculating statistics for {len(dataset)} images...')

@@ -55,16 +55,15 @@ def init_and_load(device, network_pkl, allow_code, what):
     first, so that a URL is downloaded into the cache only once. Returns (device, net); one-line errors."""
     if device == 'cuda' and not torch.cuda.is_available():
         raise click.ClickException('--device=cuda, but CUDA is not available; use --device=cpu')
-    device = dist.init(device)
-    if dist.get_rank() != 0:
-        dist.barrier()
     try:
-        net = load_network(network_pkl, allow_code=allow_code)
+        device = dist.init(device)
+    except ValueError as e:  # a malformed $EDM_DISTILL_TIMEOUT_MIN
+        raise click.ClickException(str(e))
+    try:
+        with dist.rank0_first():
+            net = load_network(network_pkl, allow_code=allow_code)
     except (OSError, ValueError) as e:
         raise click.ClickException(f'Cannot load {what} "{network_pkl}": {e}')
-    finally:
-        if dist.get_rank() == 0:
-            dist.barrier()
     return device, net.eval().requires_grad_(False).to(device)
 
 def inference_precision(net, device, precision):

@@ -424,7 +424,10 @@ def main(**kwargs):
 
 def _main(opts):
     """The command; returns True when training finished, False when it was stopped (None: dry run)."""
-    device = distributed.init(opts.device)
+    try:
+        device = distributed.init(opts.device)
+    except ValueError as e:  # a malformed $EDM_DISTILL_TIMEOUT_MIN
+        raise click.ClickException(str(e))
     world_size = distributed.get_world_size()
 
     # Checks that need no files.
@@ -446,20 +449,21 @@ def _main(opts):
                                                prefetch_factor=2 if opts.workers > 0 else None)
     elif opts.method == 'edm':
         raise click.ClickException('--method=edm needs --data=ZIP|DIR (make one with dataset_tool.py)')
-    desc = METHODS[opts.method](opts, c, ds)
-    transfer_note = None
-    if opts.transfer is not None:
-        if 'transfer' not in c:
-            raise click.ClickException(f'--transfer initialises --method=edm only; drop it for --method={opts.method}')
-        transfer_note = _check_transfer(c, ds, _check_network('--transfer', opts.transfer, ds, opts.trust_pickle))
-    if opts.teacher is not None:
-        c.teacher = opts.teacher
-        if not opts.dry_run:
-            teacher = _check_network('--teacher', opts.teacher, ds, opts.trust_pickle)
-            if c.method_kwargs.get('pairs') is not None:
-                _check_pairs(c.method_kwargs, opts.teacher, teacher)
-        elif not dnnlib.util.is_url(opts.teacher) and not os.path.isfile(opts.teacher):
-            raise click.ClickException(f'--teacher: no such file "{opts.teacher}"')
+    with distributed.rank0_first():  # the checks load every network file: rank 0 fills the download cache first
+        desc = METHODS[opts.method](opts, c, ds)
+        transfer_note = None
+        if opts.transfer is not None:
+            if 'transfer' not in c:
+                raise click.ClickException(f'--transfer initialises --method=edm only; drop it for --method={opts.method}')
+            transfer_note = _check_transfer(c, ds, _check_network('--transfer', opts.transfer, ds, opts.trust_pickle))
+        if opts.teacher is not None:
+            c.teacher = opts.teacher
+            if not opts.dry_run:
+                teacher = _check_network('--teacher', opts.teacher, ds, opts.trust_pickle)
+                if c.method_kwargs.get('pairs') is not None:
+                    _check_pairs(c.method_kwargs, opts.teacher, teacher)
+            elif not dnnlib.util.is_url(opts.teacher) and not os.path.isfile(opts.teacher):
+                raise click.ClickException(f'--teacher: no such file "{opts.teacher}"')
     c.trust_pickle = opts.trust_pickle
     c.batch_size = opts.batch
     c.batch_gpu = batch_gpu
@@ -479,7 +483,8 @@ def _main(opts):
             raise click.ClickException(f'--ref: no such file "{opts.ref}"')
         c.metric_kwargs = dnnlib.EasyDict(ref=opts.ref, detector=opts.detector)
         if not opts.dry_run:
-            _check_metrics(c.metric_kwargs)
+            with distributed.rank0_first():  # the detector and statistics may be downloads
+                _check_metrics(c.metric_kwargs)
 
     # Random seed: drawn on rank 0 and shared, then recorded, so the run can be repeated from its options.
     if opts.seed is None:
@@ -505,8 +510,8 @@ def _main(opts):
         resume_from = training_loop.find_latest_state(opts.resume)  # the state must load: checked now
     elif opts.nosubdir:
         c.run_dir = opts.outdir
-    else:
-        c.run_dir = next_run_dir(opts.outdir, desc)
+    else:  # rank 0 decides: a rank that looked later would see rank 0's new directory and pick the next id
+        c.run_dir = distributed.broadcast_object(next_run_dir(opts.outdir, desc) if distributed.get_rank() == 0 else None)
 
     if opts.dry_run:
         _print_options(c, world_size)

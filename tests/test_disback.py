@@ -3,6 +3,9 @@
 import copy
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from training import training_loop as loop_module
 from training.batching import Round, StepRandom
 from training.distill.disback import DisBack, node_path
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MU = torch.tensor([0.3, -0.2, 0.1, 0.5]).reshape(1, 2, 2)  # data N(MU, 0.3^2 I)
 T_DATA = 0.3
 
@@ -237,3 +241,96 @@ def test_recipe_dry_run(name, tmp_path):
     assert kw['ema_halflife_kimg'] is None and kw['fake_lr'] is None and kw['sigma_init'] == 80
     assert c['run_dir'].endswith(f'disback-{c["teacher"].split("/")[-1][:-4]}-path4-gpus1-batch{batch}-fp32')
     assert not os.listdir(tmp_path)
+
+# ----------------------------------------------------------------------------
+# Two processes (gloo): one run directory, one download, stage 2 reads the path on every rank.
+
+LAUNCHER = r'''
+import os, sys, time
+import train
+from training import training_loop
+
+rank = int(os.environ['RANK'])
+marker = sys.argv[1]
+
+
+def wait_for(condition, what):
+    deadline = time.time() + 60
+    while not condition():
+        if time.time() > deadline:
+            raise SystemExit(f'rank {rank}: gave up waiting for {what}')
+        time.sleep(0.05)
+
+
+# Rank 1 looks for the next run id only after rank 0 has created its directory (a slow rank, reproduced exactly).
+next_run_dir = train.next_run_dir
+def late_next_run_dir(outdir, desc):
+    if rank == 1:
+        wait_for(lambda: os.path.isdir(outdir) and os.listdir(outdir), "rank 0's run directory")
+    return next_run_dir(outdir, desc)
+train.next_run_dir = late_next_run_dir
+
+# Rank 0 writes the training state only once rank 1 has moved on: no rank may wait in a collective for the write.
+save_state, write_state = training_loop._save_state, training_loop._write_state
+def noted_save_state(*args):
+    path = save_state(*args)
+    if rank == 1:
+        open(marker, 'w').close()
+    return path
+def late_write_state(state, path):
+    wait_for(lambda: os.path.exists(marker), 'rank 1 to leave _save_state')
+    write_state(state, path)
+training_loop._save_state, training_loop._write_state = noted_save_state, late_write_state
+
+train.main(sys.argv[2:])
+'''
+
+
+class CountingServer:
+    """A local HTTP server for one file that counts GET requests and answers each after a delay, so that
+    concurrent downloads overlap."""
+
+    def __init__(self, path, delay=2.0):
+        import http.server
+        import threading
+        data, self.gets = open(path, 'rb').read(), 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.gets += 1
+                time.sleep(delay)
+                self.send_response(200)
+                self.send_header('Content-Length', str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}/teacher.pkl'
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_two_processes_share_run_directory_download_and_path(teacher_pkl, tmp_path):
+    (tmp_path / 'launch.py').write_text(LAUNCHER)
+    server = CountingServer(teacher_pkl)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT, DNNLIB_CACHE_DIR=str(tmp_path / 'cache'))
+    args = [f'--outdir={tmp_path / "runs"}', f'--teacher={server.url}', f'--duration={(5 * 8 - 0.5) * 1e-6}',
+            *[a for a in ARGS if a != '--nosubdir'], *STAGE1]
+    try:
+        proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                               str(tmp_path / 'launch.py'), str(tmp_path / 'marker'), *args],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = os.listdir(tmp_path / 'runs')  # rank 1 used rank 0's directory
+    state = torch.load(loop_module.find_latest_state(str(tmp_path / 'runs' / run_dir)), weights_only=True)['method']
+    assert state['stage'] == 2 and state['switches'] == [2]  # both ranks read path-002.pt and path-001.pt
+    assert server.gets == 1  # rank 0 downloaded the teacher; rank 1 read the cached file

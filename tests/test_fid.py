@@ -150,19 +150,26 @@ def test_ref_then_calc(tmp_path):
         mu, sigma = pixel_stats(images)
         np.testing.assert_allclose(npz['mu'], mu, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(npz['sigma'], sigma, rtol=1e-12, atol=1e-14)
-    result = invoke('calc', '--images', data, '--ref', tmp_path / 'refs' / 'ref.npz', '--num', 12,
+    result = invoke('calc', '--images', data, '--ref', tmp_path / 'refs' / 'ref.npz', '--num-images', 12,
                     '--detector', 'pixels', '--workers', 0)
     assert result.exit_code == 0, result.output
     # 12 images in 192 dimensions: S S_ref is singular, and sqrtm is accurate to ~1e-7 of the trace there.
     assert abs(float(result.output.splitlines()[-1])) < 1e-6 * np.trace(sigma)
 
     # A random half of the images against the full set: the printed FID is that subset's distance.
-    result = invoke('calc', '--images', data, '--ref', tmp_path / 'refs' / 'ref.npz', '--num', 6, '--seed', 7,
+    result = invoke('calc', '--images', data, '--ref', tmp_path / 'refs' / 'ref.npz', '--num-images', 6, '--seed', 7,
                     '--detector', 'pixels', '--workers', 0)
     keep = np.arange(12)
     np.random.RandomState(7).shuffle(keep)
     expected = exact_fd(*pixel_stats([images[i] for i in keep[:6]]), mu, sigma)
     assert float(result.output.splitlines()[-1]) == pytest.approx(expected, rel=1e-5)
+
+    # EDM's --num names the same option (without torchrun); giving both is refused.
+    again = invoke('calc', '--images', data, '--ref', tmp_path / 'refs' / 'ref.npz', '--num', 6, '--seed', 7,
+                   '--detector', 'pixels', '--workers', 0)
+    assert again.exit_code == 0 and again.output == result.output, again.output
+    both = invoke('calc', '--images', data, '--ref', tmp_path / 'refs' / 'ref.npz', '--num', 6, '--num-images', 6)
+    assert both.exit_code != 0 and 'give only one of them' in both.output, both.output
 
 
 def test_cli_errors(tmp_path):
@@ -173,15 +180,15 @@ def test_cli_errors(tmp_path):
                                                    '--detector', 'pixels', *extra)
 
     assert_one_line_error(calc(data, ref), 'Found 5 images but 50000 were requested')
-    assert_one_line_error(calc(tmp_path / 'nothing', ref, '--num', 5), 'does not exist')
-    assert_one_line_error(calc(data, tmp_path / 'nothing.npz', '--num', 5), 'nothing.npz')
+    assert_one_line_error(calc(tmp_path / 'nothing', ref, '--num-images', 5), 'does not exist')
+    assert_one_line_error(calc(data, tmp_path / 'nothing.npz', '--num-images', 5), 'nothing.npz')
 
     # Images at another resolution than the reference's (pixels detector): refused before the long pass.
     small = write_images(tmp_path / 'small', random_images(5, [3, 4, 4], seed=6))
-    assert_one_line_error(calc(small, ref, '--num', 5), '48 features', 'has 192')
+    assert_one_line_error(calc(small, ref, '--num-images', 5), '48 features', 'has 192')
     # One image of another size inside the set: reported even from a loader worker.
     mixed = write_images(tmp_path / 'mixed', random_images(4, [3, 8, 8], seed=7) + random_images(1, [3, 4, 4], seed=8))
-    assert_one_line_error(calc(mixed, ref, '--num', 5, '--workers', 1), 'img00000004.png', '[3, 4, 4]')
+    assert_one_line_error(calc(mixed, ref, '--num-images', 5, '--workers', 1), 'img00000004.png', '[3, 4, 4]')
 
     # Corrupt reference files.
     (tmp_path / 'garbage.npz').write_bytes(b'not an npz at all' * 10)
@@ -191,7 +198,7 @@ def test_cli_errors(tmp_path):
         (tmp_path / 'truncated.npz').write_bytes(f.read()[:1000])
     for name, fragment in [('garbage', 'Corrupt'), ('nomu', "missing key(s) ['mu']"), ('shape', 'sigma [10, 10]'),
                            ('truncated', 'Corrupt')]:
-        assert_one_line_error(calc(data, tmp_path / f'{name}.npz', '--num', 5), fragment)
+        assert_one_line_error(calc(data, tmp_path / f'{name}.npz', '--num-images', 5), fragment)
 
 # ----------------------------------------------------------------------------
 
@@ -231,7 +238,7 @@ def test_pickled_detector(tmp_path, fake_detector_pkl):
     result = invoke('ref', '--data', ref_data, '--dest', tmp_path / 'ref.npz', '--detector', fake_detector_pkl,
                     '--trust-detector', '--workers', 0)
     assert result.exit_code == 0, result.output
-    result = invoke('calc', '--images', data, '--ref', tmp_path / 'ref.npz', '--num', 7, '--detector',
+    result = invoke('calc', '--images', data, '--ref', tmp_path / 'ref.npz', '--num-images', 7, '--detector',
                     fake_detector_pkl, '--trust-detector', '--workers', 0)
     assert result.exit_code == 0, result.output
     # Grayscale images reach the detector as 3 identical channels.

@@ -3,6 +3,8 @@
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from training.distill import kd
 from training.loss import EDMLoss
 from training.networks import EDMPrecond, VPPrecond
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SONG = dict(model_type='SongUNet', model_channels=16, channel_mult=[1, 2, 2], num_blocks=3, attn_resolutions=[4],
             dropout=0)
 ADM = dict(model_type='DhariwalUNet', model_channels=32, channel_mult=[1, 2], num_blocks=3, attn_resolutions=[4],
@@ -280,3 +283,44 @@ def test_augment_pipe_only_for_teachers_with_augment_labels():
     augmented = kd.KD('cpu', 8, make_teacher(augment_dim=9), ds, augment_kwargs=augment)
     assert plain.augment_pipe is None
     assert augmented.augment_pipe is not None and augmented.augment_pipe.p == 0.12
+
+# ----------------------------------------------------------------------------
+# Two processes (gloo) give the weights of one process, with the official teachers' kind of dropout (0.10).
+
+KD_LOOP = r'''
+import sys
+import torch
+from torch_utils import distributed
+from training import training_loop
+
+files, out = sys.argv[1:]
+distributed.init('cpu')
+training_loop.training_loop(
+    run_dir=out, teacher=f'{files}/teacher-dropout.pkl', seed=1, batch_size=8, total_kimg=0.008, kimg_per_tick=0.008,
+    method_kwargs=dict(class_name='training.distill.kd.KD', variant='small', ema_halflife_kimg=0.01,
+                       optimizer_kwargs=dict(class_name='torch.optim.SGD', lr=0.05)),
+    dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=f'{files}/cond.zip', use_labels=True),
+    snapshot_ticks=None, state_dump_ticks=1, preview_grid=0, device=torch.device('cpu'))
+distributed.shutdown()
+'''
+
+
+def test_two_processes_match_one_with_dropout(files, tmp_path):
+    teacher = make_teacher(dropout=0.10)
+    with open(files / 'teacher-dropout.pkl', 'wb') as f:
+        pickle.dump(dict(ema=teacher), f)
+    (tmp_path / 'loop.py').write_text(KD_LOOP)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=ROOT)
+    for name, launcher in [('one', []), ('two', ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'])]:
+        os.makedirs(tmp_path / name)
+        proc = subprocess.run([sys.executable, *launcher, str(tmp_path / 'loop.py'), str(files), str(tmp_path / name)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = (torch.load(loop_module.find_latest_state(str(tmp_path / n)), weights_only=True)['method']['net']
+                for n in ('one', 'two'))
+    init = kd.make_student(teacher, 'small')
+    assert init.model.enc['8x8_block0'].dropout == 0.10
+    init = init.state_dict()
+    change = max((one[k] - init[k]).abs().max() for k in one)
+    diff = max((one[k] - two[k]).abs().max() for k in one)
+    assert change > 1e-3 and diff < 1e-4 * change, (change, diff)

@@ -297,6 +297,68 @@ def test_label_dropout_zeroes_labels_in_training():
     assert not torch.allclose(y_eval, y_zero)
 
 
+# ----------------------------------------------------------------------------
+# Dropout keyed by sample (training-loop steps): masks are a function of (sample key, call, element) only.
+
+def reference_keep(key, call, index, p):
+    """The keyed mask bit in Python integers: the definition the int64 tensor code must reproduce on any device."""
+    def h(x):
+        x = x * 0x21f0aaad % 2**32
+        return (x ^ (x >> 16)) * 0x735a2d97 % 2**32
+    return h(index ^ h(h((key + call * 0x9e3779b9) % 2**32))) >= round(p * 2**32)
+
+
+def test_keyed_dropout_bits_and_statistics():
+    p, shape = 0.13, [64, 16, 32, 32]
+    keys = torch.randint(0, 2**32, [64], generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    with networks.keyed_dropout(keys):
+        a, b = networks._keep(shape, p, 'cpu'), networks._keep(shape, p, 'cpu')  # two calls (layers)
+    for n, i in [(0, 0), (5, 123), (63, 16383), (17, 4097)]:
+        assert bool(a[n].flatten()[i]) == reference_keep(int(keys[n]), 0, i, p)
+        assert bool(b[n].flatten()[i]) == reference_keep(int(keys[n]), 1, i, p)
+    # Bernoulli(1 - p), independent between neighbouring elements, samples and calls: each share is a mean of
+    # ~1e6 indicators, so 6 standard deviations is about 0.002.
+    def near(share, q):
+        return abs(float(share) - q) < 6 * (q * (1 - q) / a.numel()) ** 0.5
+    assert near(a.float().mean(), 1 - p)
+    assert near((a.flatten(1)[:, 1:] & a.flatten(1)[:, :-1]).float().mean(), (1 - p) ** 2)
+    assert near((a[1:] & a[:-1]).float().mean(), (1 - p) ** 2)
+    assert near((a == b).float().mean(), (1 - p) ** 2 + p ** 2)
+    x = torch.ones(shape)
+    with networks.keyed_dropout(keys):
+        y = networks._dropout(x, p)
+    assert torch.equal(y, a / (1 - p))
+
+
+def test_keyed_dropout_follows_the_sample():
+    torch.manual_seed(0)
+    net = networks.SongUNet(img_resolution=8, in_channels=2, out_channels=2, label_dim=3, model_channels=8,
+                            channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.3, label_dropout=0.5)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, noise, labels = torch.randn([8, 2, 8, 8]), torch.randn([8]), torch.eye(3)[torch.arange(8) % 3]
+    keys = torch.arange(8, dtype=torch.int64) * 1000003
+    net.train()
+    with networks.keyed_dropout(keys):
+        whole = net(x, noise, labels)
+    torch.manual_seed(1)  # torch's RNG plays no part
+    with networks.keyed_dropout(keys[4:]):
+        part = net(x[4:], noise[4:], labels[4:])
+    torch.testing.assert_close(part, whole[4:], rtol=1e-5, atol=1e-6)
+    with networks.keyed_dropout(keys + 1):
+        assert not torch.allclose(net(x, noise, labels), whole)
+    # Outside the block: torch's RNG, as before. In eval mode: no dropout at all.
+    torch.manual_seed(2)
+    a = net(x, noise, labels)
+    torch.manual_seed(2)
+    assert torch.equal(net(x, noise, labels), a) and not torch.allclose(a, whole)
+    plain = net.eval()(x, noise, labels)
+    with networks.keyed_dropout(keys):
+        assert torch.equal(net(x, noise, labels), plain)
+    with pytest.raises(ValueError, match='keyed_dropout has 8 keys for a batch of 4'):
+        with networks.keyed_dropout(keys):
+            net.train()(x[:4], noise[:4], labels[:4])
+
 def test_use_fp16_is_fp32_on_cpu():
     net = build_golden_net('vp_songunet_skip_16')
     a = {key: torch.from_numpy(value) for key, value in golden_arrays('vp_songunet_skip_16').items()}

@@ -277,3 +277,52 @@ def test_torchrun_two_processes_write_the_same_shards(made, tmp_path):
     assert sorted(os.listdir(tmp_path / 'two')) == names
     for name in names:
         assert (tmp_path / 'one' / name).read_bytes() == (tmp_path / 'two' / name).read_bytes()
+
+
+# Three ranks, one shard each. Rank 1 finishes first and must exit while rank 0 still works (no final barrier);
+# rank 2 finishes last, after rank 0 has begun watching the directory, and rank 0 must wait for its shard.
+UNEVEN_RANKS = r'''
+import os, sys, time
+import make_pairs
+from training import pairs
+
+rank, tmp = int(os.environ['RANK']), sys.argv[1]
+mark = lambda name: open(os.path.join(tmp, name), 'w').close()
+def wait_for(name):
+    deadline = time.time() + 60
+    while not os.path.exists(os.path.join(tmp, name)):
+        if time.time() > deadline:
+            raise SystemExit(f'rank {rank} gave up waiting for {name}')
+        time.sleep(0.05)
+
+make_shard, shards_to_make = pairs.make_shard, pairs.shards_to_make
+def late_make_shard(net, outdir, k, *args, **kwargs):
+    wait_for({0: 'rank1-exited', 1: 'start', 2: 'rank0-watches'}[rank])
+    make_shard(net, outdir, k, *args, **kwargs)
+def noted_shards_to_make(outdir, plan, config):
+    if rank == 0 and len(plan) < 3:  # not the first scan (of the whole plan): rank 0 watches the others' shards
+        mark('rank0-watches')
+    return shards_to_make(outdir, plan, config)
+pairs.make_shard, pairs.shards_to_make = late_make_shard, noted_shards_to_make
+make_pairs.POLL_S = 0.1
+mark('start')
+try:
+    make_pairs.main(sys.argv[2:])
+finally:
+    if rank == 1:
+        mark('rank1-exited')
+    if rank == 0 and os.path.exists(os.path.join(sys.argv[-1], 'shard-00002.json')):
+        mark('rank0-saw-shard-2')
+'''
+
+
+def test_torchrun_ranks_finish_at_their_own_pace(made, tmp_path):
+    (tmp_path / 'launch.py').write_text(UNEVEN_RANKS)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=3',
+                           str(tmp_path / 'launch.py'), str(tmp_path), '--teacher', made['pkl'], '--seeds', '0-8',
+                           '--shard-size', '3', '--batch', '3', '--steps', '2', '--device', 'cpu', '--outdir',
+                           str(tmp_path / 'pairs')], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count('Done.') == 1 and (tmp_path / 'rank0-saw-shard-2').exists()
+    assert len(PairSet(tmp_path / 'pairs')) == 9

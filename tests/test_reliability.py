@@ -259,6 +259,11 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(requests.Session, 'get', refuse)
 
 
+def not_vgg(files, tmp_path):
+    torch.save({'features.0.weight': torch.zeros(3)}, tmp_path / 'not-vgg.pth')
+    return tmp_path / 'not-vgg.pth'
+
+
 def ref_npz(tmp_path):
     np.savez(tmp_path / 'ref.npz', mu=np.zeros(3), sigma=np.eye(3))
     return tmp_path / 'ref.npz'
@@ -277,6 +282,8 @@ BAD_INPUT = {
     'pairs damaged': ([*DMD_CLI, '--pairs={flipped}', '--reg-loss=l2'], 'Checksum mismatch'),
     'pairs foreign': ([*DMD_CLI, '--pairs={foreign}', '--reg-loss=l2'], 'holds pairs of another teacher (other.pkl)'),
     'lpips offline': ([*DMD_CLI, '--pairs={pairs}'], '--lpips-vgg=PATH --lpips-lin=PATH'),
+    'lpips missing': ([*DMD_CLI, '--pairs={pairs}', '--lpips-vgg={missing}', '--lpips-lin={missing}'], 'No such file'),
+    'lpips not vgg': ([*DMD_CLI, '--pairs={pairs}', '--lpips-vgg={notvgg}', '--lpips-lin={notvgg}'], 'features.0.weight'),
     'inception offline': ([*DMD_CLI, '--metrics=fid1k', '--ref={ref}'], '--detector: Cannot download the Inception'),
     'resume empty dir': (['--resume={empty}', '--data={data}', *EDM_NET], 'has no training_options.json'),
     'transfer into dmd': ([*DMD_CLI, '--transfer={teacher}'], '--transfer initialises --method=edm only'),
@@ -289,7 +296,7 @@ def test_bad_input_is_one_line_before_any_directory(files, tmp_path, monkeypatch
     made = dict(data=files / 'cond.zip', teacher=files / 'teacher.pkl', pairs=files / 'pairs', missing=tmp_path / 'none',
                 empty=tmp_path / 'empty')
     os.makedirs(made['empty'])
-    makers = dict(damaged=damaged_zip, mixed=mixed_folder, flipped=flipped_shard, foreign=foreign_pairs)
+    makers = dict(damaged=damaged_zip, mixed=mixed_folder, flipped=flipped_shard, foreign=foreign_pairs, notvgg=not_vgg)
     made.update({k: f(files, tmp_path) for k, f in makers.items() if f'{{{k}}}' in ''.join(args)})
     if '{ref}' in ''.join(args):
         made['ref'] = ref_npz(tmp_path)

@@ -78,16 +78,32 @@ SGD = dict(class_name='torch.optim.SGD', lr=0.05)
 
 
 def sgd_method(**kwargs):
-    return dict(class_name='training.teacher.EDM', network_kwargs=TINY_NET, loss_kwargs=dict(class_name='training.loss.EDMLoss'),
-                optimizer_kwargs=SGD, lr_rampup_kimg=0, **kwargs)
+    return dict(dict(class_name='training.teacher.EDM', network_kwargs=TINY_NET, loss_kwargs=dict(class_name='training.loss.EDMLoss'),
+                     optimizer_kwargs=SGD, lr_rampup_kimg=0), **kwargs)
 
 
-def test_batch_gpu_does_not_change_result(data, tmp_path):
-    run_loop(tmp_path / 'a', data / 'cond.zip', total_kimg=0.016, method_kwargs=sgd_method())
-    run_loop(tmp_path / 'b', data / 'cond.zip', total_kimg=0.016, batch_gpu=4, method_kwargs=sgd_method())
+@pytest.mark.parametrize('dropout', [0, 0.13])  # dropout masks are keyed by sample position, not drawn per round
+def test_batch_gpu_does_not_change_result(data, tmp_path, dropout):
+    method = sgd_method(network_kwargs=dict(TINY_NET, dropout=dropout))
+    run_loop(tmp_path / 'a', data / 'cond.zip', total_kimg=0.016, method_kwargs=method)
+    run_loop(tmp_path / 'b', data / 'cond.zip', total_kimg=0.016, batch_gpu=4, method_kwargs=method)
     a, _ = final_weights(tmp_path / 'a')
     b, _ = final_weights(tmp_path / 'b')
     assert_same_update(a, b, seed=1, net_kwargs=TINY_NET)
+
+
+def test_step_random_draws_in_chunks():
+    """A step's random numbers are consecutive draws of at most DRAW_CHUNK elements from one generator (so that
+    CUDA's numbers do not depend on the GPU model), laid out row by row over the global batch."""
+    from training.batching import DRAW_CHUNK, StepRandom, stable_seed
+    rand = StepRandom(seed=3, step=5, batch_size=3, device='cpu')
+    shape = [(2 * DRAW_CHUNK + 5) // 3]  # two chunks and 5 elements: a normal draw of 5 is not the tail of a large one
+    numel = 3 * shape[0]
+    for kind, draw in [('randn', torch.randn), ('rand', torch.rand),
+                       ('randint', lambda n, generator: torch.randint(9, n, generator=generator))]:
+        g = torch.Generator().manual_seed(stable_seed(3, 5, kind, 'x'))
+        expected = torch.cat([draw([min(DRAW_CHUNK, numel - i)], generator=g) for i in range(0, numel, DRAW_CHUNK)])
+        assert torch.equal(rand._draw(kind, 'x', shape, 9 if kind == 'randint' else None), expected.reshape(3, *shape))
 
 
 def assert_same_update(a, b, seed, net_kwargs):
@@ -202,10 +218,10 @@ def test_cli_dry_run_writes_nothing(data, tmp_path):
     assert not (tmp_path / 'runs').exists()
 
 # ----------------------------------------------------------------------------
-# Two processes (gloo) give the weights of one process with the same global batch.
+# Two processes (gloo) give the weights of one process with the same global batch, with dropout too.
 
 def test_two_processes_match_one(data, tmp_path):
-    common = [f'--data={data / "cond.zip"}', '--cond=1', '--duration=0.000016', '--nosubdir', *CLI_NET]
+    common = [f'--data={data / "cond.zip"}', '--cond=1', '--duration=0.000016', '--nosubdir', *CLI_NET, '--dropout=0.13']
     env = dict(os.environ, OMP_NUM_THREADS='1')
     one = subprocess.run([sys.executable, 'train.py', f'--outdir={tmp_path / "one"}', *common],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

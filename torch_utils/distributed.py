@@ -1,10 +1,18 @@
 """torchrun-aware process group: NCCL on CUDA, gloo on CPU, world size 1 without torchrun."""
 
+import contextlib
+import datetime
 import os
 
 import torch
 
 _device = None
+
+# How long a rank may wait in a collective (barrier, all-reduce, ...) before the job fails. NCCL's default of 10
+# minutes is shorter than some legitimate waits, e.g. the other ranks waiting while rank 0 downloads a teacher or
+# writes a multi-GiB training state; a generous default still ends a hung job.
+TIMEOUT_ENV = 'EDM_DISTILL_TIMEOUT_MIN'
+DEFAULT_TIMEOUT_MIN = 60
 
 # ----------------------------------------------------------------------------
 
@@ -20,9 +28,22 @@ def init(device=None):
     if 'WORLD_SIZE' in os.environ and not torch.distributed.is_initialized():
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
         kwargs = dict(device_id=device) if device.type == 'cuda' else {}
-        torch.distributed.init_process_group(backend=backend, init_method='env://', **kwargs)
+        torch.distributed.init_process_group(backend=backend, init_method='env://', timeout=timeout(), **kwargs)
     _device = device
     return device
+
+
+def timeout():
+    """The collective timeout: $EDM_DISTILL_TIMEOUT_MIN minutes, default 60."""
+    text = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_MIN))
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = float('nan')
+    if not 0 < minutes < float('inf'):
+        raise ValueError(f'{TIMEOUT_ENV}="{text}" is not a number of minutes; set it to a positive number, '
+                         f'e.g. {TIMEOUT_ENV}=120, or unset it for {DEFAULT_TIMEOUT_MIN}')
+    return datetime.timedelta(minutes=minutes)
 
 
 def device():
@@ -46,6 +67,19 @@ def barrier():
         torch.distributed.barrier()
 
 
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block before the other ranks do, e.g. so that a URL is downloaded into the shared cache
+    once and the others read the cached file. Exactly one barrier per rank, also when the block raises."""
+    if get_rank() != 0:
+        barrier()
+    try:
+        yield
+    finally:
+        if get_rank() == 0:
+            barrier()
+
+
 def shutdown():
     if is_distributed():
         torch.distributed.destroy_process_group()
@@ -62,6 +96,15 @@ def broadcast_(x, src=0):
     if is_distributed():
         torch.distributed.broadcast(x, src=src)
     return x
+
+
+def broadcast_object(obj, src=0):
+    """Rank src's value of a picklable object, on every rank."""
+    if is_distributed():
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        obj = box[0]
+    return obj
 
 
 def print0(*args, **kwargs):

@@ -67,6 +67,14 @@ class RankSampler(torch.utils.data.Sampler):
 
 # ----------------------------------------------------------------------------
 
+# Elements per CUDA draw. A CUDA generator's number for an element depends on the kernel's grid, which torch caps at
+# (SMs x max threads per SM) threads: one draw of more elements (221,184 on an A100, 270,336 on an H100 SXM)
+# gives different numbers on different GPU models. Draws of at most 2^15 elements, below that cap on any CUDA GPU
+# (a T4's is 40,960), do not. (On the CPU they give the numbers of one large draw, except a normal draw's last 16
+# when its last chunk is shorter than 16.)
+DRAW_CHUNK = 1 << 15
+
+
 class StepRandom:
     """Random numbers for one training step, drawn for the whole global batch from a stream named by the caller.
 
@@ -86,13 +94,15 @@ class StepRandom:
         key = (kind, name, tuple(shape), high)
         if key not in self._cache:
             g = torch.Generator(device=self.device).manual_seed(stable_seed(self.seed, self.step, kind, name))
-            size = (self.batch_size, *shape)
-            if kind == 'randn':
-                x = torch.randn(size, generator=g, device=self.device)
-            elif kind == 'rand':
-                x = torch.rand(size, generator=g, device=self.device)
-            else:
-                x = torch.randint(high, size, generator=g, device=self.device)
+            x = torch.empty((self.batch_size, *shape), dtype=torch.int64 if kind == 'randint' else torch.float32,
+                            device=self.device)
+            for chunk in x.view(-1).split(DRAW_CHUNK):  # consecutive draws from g
+                if kind == 'randn':
+                    chunk.normal_(generator=g)
+                elif kind == 'rand':
+                    chunk.uniform_(generator=g)
+                else:
+                    chunk.random_(0, high, generator=g)
             self._cache[key] = x
         return self._cache[key]
 
@@ -125,6 +135,13 @@ class Round:
     def random_labels(self, name, label_dim):
         """One-hot labels drawn uniformly, for methods that have no data (None when unconditional)."""
         return _one_hot(self.randint(name, label_dim), label_dim) if label_dim else None
+
+    def keyed_dropout(self):
+        """Context in which the networks' dropout masks follow this round's global sample positions."""
+        from training.networks import keyed_dropout
+        rand = self.rand_
+        keys = [stable_seed(rand.seed, rand.step, 'dropout', self.start + i) & 0xffffffff for i in range(self.size)]
+        return keyed_dropout(torch.tensor(keys, dtype=torch.int64, device=rand.device))
 
 
 def _one_hot(idx, label_dim):

@@ -137,7 +137,7 @@ def compute_feature_stats(source, detector, num=None, seed=0, batch=64, device=t
         num = len(source) if num is None else num
         if len(source) < num:
             raise ValueError(f'Found {len(source)} images but {num} were requested: '
-                             f'generate more or lower --num')
+                             f'generate more or lower --num-images')
         # EDM's subset rule (its dataset's max_size): shuffle by seed, keep the first num, restore file order.
         # It depends only on (len, num, seed), never on the world size.
         indices = np.arange(len(source))

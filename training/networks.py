@@ -135,6 +135,59 @@ def _silu(x):
     return F.silu(x, inplace=not x.requires_grad)
 
 # ----------------------------------------------------------------------------
+# Dropout keyed by sample. Inside `keyed_dropout(keys)` (the training loop's steps) a mask element is a hash of
+# (its sample's key, the dropout call's index in the block, the element's index), so a sample gets the same masks
+# on any rank, in any accumulation round and batch: training with dropout is then world-size invariant. The hash
+# uses int64 arithmetic on values below 2^63 only, so CPU and CUDA compute the same bits. Outside the block (and in
+# EDM-derived readers of our pickles) dropout draws from torch's RNG as usual.
+
+_keys = None        # [N] int64 per-sample keys in [0, 2^32) of the batch being evaluated, or None
+_calls = 0          # keyed dropout calls so far in the current block
+
+def _hash32(x):
+    """Multiply, xorshift, multiply (mod 2^32) on int64 values in [0, 2^32), in place: the high bits, which the keep
+    test reads, depend on every input bit. Products stay below 2^32 * 2^31, so int64 never overflows."""
+    x *= 0x21f0aaad
+    x &= 0xffffffff
+    x ^= x >> 16
+    x *= 0x735a2d97
+    x &= 0xffffffff
+    return x
+
+
+class keyed_dropout:
+    """Context: dropout masks keyed by `keys` ([N] ints in [0, 2^32), one per sample of the batch)."""
+    def __init__(self, keys):
+        self.keys = keys
+
+    def __enter__(self):
+        global _keys, _calls
+        _keys, _calls = self.keys, 0
+
+    def __exit__(self, *exc_info):
+        global _keys
+        _keys = None
+
+
+def _keep(shape, p, device):
+    """Boolean mask of `shape` ([N, ...]) with P(True) = 1 - p: keyed inside keyed_dropout, else torch's RNG."""
+    global _calls
+    if _keys is None:
+        return torch.rand(shape, device=device) >= p
+    if _keys.shape[0] != shape[0]:
+        raise ValueError(f'keyed_dropout has {_keys.shape[0]} keys for a batch of {shape[0]}')
+    call_keys = _hash32(_hash32((_keys.to(device) + _calls * 0x9e3779b9) & 0xffffffff))  # one key per sample and call
+    _calls += 1
+    index = torch.arange(int(np.prod(shape[1:])), dtype=torch.int64, device=device)
+    return (_hash32(index ^ call_keys[:, None]) >= round(p * 2**32)).reshape(shape)
+
+
+def _dropout(x, p):
+    if _keys is None:
+        return F.dropout(x, p=p, training=True)
+    return x * (_keep(x.shape, p, x.device) * (1 / (1 - p))).to(x.dtype)
+
+# ----------------------------------------------------------------------------
 # Residual block: GroupNorm-SiLU-Conv twice, conditioned on the embedding, optional resampling and self-attention.
 # The qkv channels are ordered (head, channel-in-head, {q,k,v}), as in EDM's weights.
 
@@ -182,7 +235,7 @@ class UNetBlock(torch.nn.Module):
         else:
             x = _silu(self.norm1(x.add_(params)))
         if self.dropout and self.training:
-            x = F.dropout(x, p=self.dropout, training=True)
+            x = _dropout(x, self.dropout)
         x = self.conv1(x)
         x = x.add_(self.skip(orig) if self.skip is not None else orig)
         if self.skip_scale != 1:
@@ -346,7 +399,7 @@ class SongUNet(torch.nn.Module):
         if self.map_label is not None:
             tmp = class_labels
             if self.training and self.label_dropout:
-                tmp = tmp * (torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout).to(tmp.dtype)
+                tmp = tmp * _keep([x.shape[0], 1], self.label_dropout, x.device).to(tmp.dtype)
             emb = emb + self.map_label(tmp * np.sqrt(self.map_label.in_features))
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
@@ -466,7 +519,7 @@ class DhariwalUNet(torch.nn.Module):
         if self.map_label is not None:
             tmp = class_labels
             if self.training and self.label_dropout:
-                tmp = tmp * (torch.rand([x.shape[0], 1], device=x.device) >= self.label_dropout).to(tmp.dtype)
+                tmp = tmp * _keep([x.shape[0], 1], self.label_dropout, x.device).to(tmp.dtype)
             emb = emb + self.map_label(tmp)
         emb = F.silu(emb)
 

@@ -29,6 +29,7 @@ RESUMABLE = (
     'metrics',              # --metrics
     'metric_kwargs',        # --ref, --detector
     'trust_pickle',         # --trust-pickle: permission, not configuration
+    'tf32',                 # --tf32: how float32 matmuls run (precision, which the states depend on, must match)
 )
 
 # ----------------------------------------------------------------------------

@@ -66,7 +66,9 @@ class EDM:
 
     def _loss(self, r):
         """One round's per-pixel loss (the caller sums it)."""
-        return training_stats.report('Loss/loss', self.loss_fn(self.net, r.images, r.labels, self.augment_pipe, rnd=r))
+        with r.keyed_dropout():
+            loss = self.loss_fn(self.net, r.images, r.labels, self.augment_pipe, rnd=r)
+        return training_stats.report('Loss/loss', loss)
 
     def step(self, rounds, cur_nimg):
         self.optimizer.backward(rounds, self._loss, self.per_rank_batch)

@@ -240,7 +240,7 @@ def _training_loop(
             _truncate_stats(os.path.join(run_dir, 'stats.jsonl'), cur_nimg)
         del state
     else:
-        torch.manual_seed(seed * world_size + rank)  # per-rank stream for whatever is not keyed by sample (dropout)
+        torch.manual_seed(seed * world_size + rank)  # per-rank stream for whatever is not keyed by sample
         np.random.seed((seed * world_size + rank) % (1 << 31))
         random.seed(seed * world_size + rank)
 
@@ -372,7 +372,9 @@ def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, rank):
 
 
 def _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, device):
-    """All ranks contribute their RNG state; rank 0 writes. Returns the path."""
+    """All ranks contribute their RNG state; rank 0 writes. Returns the path. No barrier after the write: no other
+    rank reads the file, and a barrier would only move their wait for rank 0 (up to the collective timeout of
+    torch_utils/distributed.py) from their next collective to here."""
     rng = [None] * distributed.get_world_size()
     if distributed.is_distributed():
         torch.distributed.all_gather_object(rng, _rng_state(device))
@@ -383,7 +385,6 @@ def _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, devi
         state = dict(method=method.state_dict(), cur_nimg=cur_nimg, cur_tick=cur_tick, tick_start_nimg=tick_start_nimg,
                      step=step, world_size=distributed.get_world_size(), rng=rng)
         _write_state(state, path)
-    distributed.barrier()
     return path
 
 
@@ -404,9 +405,10 @@ def _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device):
         return (method.sample(z, c) * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
     if 'detector' not in _metric_cache:
-        _metric_cache['detector'] = metric_lib.load_detector(metric_kwargs.get('detector', 'inception'), device=device,
-                                                              trust=metric_kwargs.get('trust_detector', False))
-        _metric_cache['ref'] = metric_lib.load_ref(metric_kwargs['ref'])
+        with distributed.rank0_first():  # a URL is downloaded into the cache once
+            _metric_cache['detector'] = metric_lib.load_detector(metric_kwargs.get('detector', 'inception'), device=device,
+                                                                  trust=metric_kwargs.get('trust_detector', False))
+            _metric_cache['ref'] = metric_lib.load_ref(metric_kwargs['ref'])
     for metric in metrics:
         num = int(re.fullmatch(r'fid(\d+)k', metric).group(1)) * 1000
         result = metric_lib.fid_of_sampler(sample_fn, num, _metric_cache['ref'], _metric_cache['detector'],

@@ -239,8 +239,9 @@ class KD(EDM):
 
     # One round's per-sample loss; the per-pixel means times the image size follow EDM's sum over pixels.
     def _loss(self, r):
-        L_task, L_out, L_feat = kd_terms(self.net, self.teacher, self.pairs, self.loss_fn, r.images, r.labels,
-                                         self.augment_pipe, rnd=r, sigma_data=self.sigma_data, feat_norm=self.feat_norm)
+        with r.keyed_dropout():
+            L_task, L_out, L_feat = kd_terms(self.net, self.teacher, self.pairs, self.loss_fn, r.images, r.labels,
+                                             self.augment_pipe, rnd=r, sigma_data=self.sigma_data, feat_norm=self.feat_norm)
         loss = L_task + self.lambda_out * L_out + self.lambda_feat * L_feat
         training_stats.report('Loss/task', L_task)
         training_stats.report('Loss/out', L_out)
