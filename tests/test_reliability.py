@@ -164,7 +164,7 @@ def older_and_newer_state(run_dir):
 
 # name: (change to the run directory, extra options, exit code, text expected in the output)
 RESUME_CHECKS = {
-    'lr': (None, ['--lr=2e-3'], 1, 'method_kwargs.optimizer_kwargs.lr: 0.001 -> 0.002'),
+    'lr': (None, ['--lr=2e-3'], 0, 'Resuming from'),  # a lower lr after a divergence, or a final phase: accepted
     'batch and seed': (None, ['--batch=16', '--seed=5'], 1, 'batch_size: 8 -> 16; seed: 3 -> 5'),
     'precond and cbase': (None, ['--precond=vp', '--cbase=32'], 1, 'VPPrecond"; method_kwargs.network_kwargs.model_channels: 16 -> 32)'),
     'cond': (None, ['--cond=0'], 1, 'dataset_kwargs.use_labels: true -> false'),
@@ -206,6 +206,8 @@ def test_resume_checks_options_and_states(files, base_run, tmp_path, name):
                                              'data_loader_kwargs.prefetch_factor', 'kimg_per_tick', 'snapshot_ticks',
                                              'state_dump_ticks', 'total_kimg']
         assert record['changed']['batch_gpu'] == [8, 4]
+    elif name == 'lr':
+        assert record['changed'] == {'method_kwargs.optimizer_kwargs.lr': [0.001, 0.002]}
     else:
         assert record['changed'] == {}
 

@@ -156,13 +156,70 @@ def test_resume_from_earlier_state_is_bitwise_identical(data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nan_training_stops_with_clear_error(data, tmp_path):
-    with pytest.raises(FloatingPointError, match='non-finite weights'):
+def test_infinite_lr_stops_with_one_line_naming_no_state(data, tmp_path):
+    with pytest.raises(dnnlib.util.RunError, match=r'^Training diverged at 0.016 kimg: non-finite weights; no training '
+                                                   r'state was written yet: start again with a lower --lr$'):
         run_loop(tmp_path, data / 'cond.zip', total_kimg=0.016,
                  method_kwargs=dict(class_name='training.teacher.EDM', network_kwargs=TINY_NET,
                                     loss_kwargs=dict(class_name='training.loss.EDMLoss'),
                                     optimizer_kwargs=dict(class_name='torch.optim.SGD', lr=float('inf'))))
-    assert not any(n.startswith('network-snapshot') for n in os.listdir(tmp_path))
+    assert not any(n.startswith(('network-snapshot', 'training-state')) for n in os.listdir(tmp_path))
+
+# ----------------------------------------------------------------------------
+# The NaN policy: non-finite values are counted and shown, a run whose loss stays non-finite stops in one line
+# naming the last training state, and no snapshot of a generator with non-finite samples is ever written.
+
+DIVERGE = ['--arch=ddpmpp', '--cbase=16', '--cres=1', '--dropout=0', '--augment=0', '--batch=8', '--tick=0.008',
+           '--snap=1', '--dump=1', '--workers=0', '--seed=3', '--device=cpu', '--lr-rampup=0', '--nosubdir', '--cond=1']
+
+
+def test_edm_lr_1e6_stops_before_writing_a_nan_snapshot(data, tmp_path):
+    """The campaign's case: --lr=1e6 used to exit 0 with a snapshot whose outputs were NaN for every input."""
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path}', f'--data={data / "cond.zip"}', *DIVERGE, '--lr=1e6',
+                                        '--duration=0.000064'])
+    errors = [l for l in r.output.splitlines() if l.startswith('Error:')]
+    assert r.exit_code == 1 and errors == [l for l in r.output.splitlines() if 'diverged' in l]
+    assert errors[0].startswith('Error: Training diverged at 0.008 kimg: ') and 'start again with a lower --lr' in errors[0]
+    assert not any(n.startswith(('network-snapshot', 'training-state')) for n in os.listdir(tmp_path))
+
+
+def test_divergence_names_the_last_state_and_a_lower_lr_resumes(data, tmp_path):
+    """Two good ticks, then a resume at --lr=1e6 diverges: the error names the state it came from, which stays as it
+    was, and nothing is written after it; a resume with a lower --lr is accepted (lr may change on resume)."""
+    args = [f'--outdir={tmp_path}', f'--data={data / "cond.zip"}', *DIVERGE]
+    assert CliRunner().invoke(train.main, [*args, '--lr=1e-3', '--duration=0.000016']).exit_code == 0
+    state = tmp_path / 'training-state-000000.pt'
+    before = state.read_bytes()
+    files = sorted(os.listdir(tmp_path))
+    r = CliRunner().invoke(train.main, [*args, '--lr=1e6', '--duration=0.000064', f'--resume={tmp_path}'])
+    assert r.exit_code == 1 and f'the last training state is "{state}": resume from it with a lower learning rate' in r.output
+    assert state.read_bytes() == before and sorted(os.listdir(tmp_path)) == sorted(files + ['resumes.jsonl'])
+    r = CliRunner().invoke(train.main, [*args, '--lr=5e-4', '--duration=0.000032', f'--resume={tmp_path}'])
+    assert r.exit_code == 0, r.output
+
+
+def test_dmd_divergence_stops_in_one_line(tmp_path):
+    from training.networks import EDMPrecond
+    torch.manual_seed(0)
+    with open(tmp_path / 'teacher.pkl', 'wb') as f:
+        pickle.dump(dict(ema=EDMPrecond(img_resolution=8, img_channels=3, label_dim=0, model_type='SongUNet',
+                                        model_channels=16, channel_mult=[1], num_blocks=1, attn_resolutions=[])), f)
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "run"}', '--method=dmd', f'--teacher={tmp_path / "teacher.pkl"}',
+                                        '--batch=8', '--tick=0.008', '--snap=1', '--dump=1', '--seed=1', '--device=cpu',
+                                        '--lr=1e6', '--duration=0.000064', '--nosubdir'])
+    assert r.exit_code == 1 and r.output.splitlines()[-1].startswith('Error: Training diverged at '), r.output
+    assert not any(n.startswith('network-snapshot') for n in os.listdir(tmp_path / 'run'))
+
+
+def test_nonfinite_values_are_counted_not_hidden():
+    from torch_utils import training_stats
+    training_stats.collect()
+    training_stats.report('Loss/x', torch.tensor([1.0, float('nan'), 3.0, float('inf')]))
+    training_stats.report('Loss/y', torch.tensor([float('nan')]))
+    assert training_stats.collect(prefix='Loss/x', reset=False) == {'Loss/x': dict(num=2, mean=2, std=1, nonfinite=2)}
+    assert training_stats.collect() == {'Loss/x': dict(num=2, mean=2, std=1, nonfinite=2),
+                                        'Loss/y': dict(num=0, mean=None, std=None, nonfinite=1)}
+    assert training_stats.collect() == {}
 
 # ----------------------------------------------------------------------------
 # The CLI.

@@ -37,10 +37,11 @@ def report0(name, value):
     return value
 
 
-def collect(device=None):
-    """{name: {'num', 'mean', 'std'[, 'nonfinite']}} over all ranks since the last call; resets the accumulators."""
+def collect(device=None, prefix='', reset=True):
+    """{name: {'num', 'mean', 'std'[, 'nonfinite']}} over all ranks since the last reset, for the names that start
+    with `prefix` (a string or a tuple of them); reset=False only looks (e.g. at the losses before a snapshot)."""
     device = device or distributed.device()
-    names = set(_moments)
+    names = {n for n in _moments if n.startswith(prefix)}
     if distributed.is_distributed():
         gathered = [None] * distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, sorted(names))
@@ -51,7 +52,9 @@ def collect(device=None):
     zeros = torch.zeros(4, dtype=torch.float64, device=device)
     stacked = torch.stack([_moments[n].to(device) if n in _moments else zeros for n in names])
     distributed.all_reduce_sum(stacked)
-    _moments.clear()
+    if reset:
+        for n in names:
+            _moments.pop(n, None)
     result = {}
     for name, (num, s, sq, nonfinite) in zip(names, stacked.cpu().tolist()):
         if num + nonfinite == 0:

@@ -15,7 +15,7 @@ import time
 
 import dnnlib
 
-# Top-level options a resume may change; every other difference is refused.
+# Options a resume may change (a dotted key and everything under it); every other difference is refused.
 RESUMABLE = (
     'run_dir',              # the same directory, however it is spelled
     'resume_state',
@@ -30,6 +30,9 @@ RESUMABLE = (
     'metric_kwargs',        # --ref, --detector
     'trust_pickle',         # --trust-pickle: permission, not configuration
     'tf32',                 # --tf32: how float32 matmuls run (precision, which the states depend on, must match)
+    'method_kwargs.lr',     # --lr: lowering it after a divergence, or for a final phase (DMD2's 5e-7 resume)
+    'method_kwargs.fake_lr',
+    'method_kwargs.optimizer_kwargs.lr',
 )
 
 # ----------------------------------------------------------------------------
@@ -75,7 +78,7 @@ def option_changes(old, new):
     renamed = [k[:-len('class_name')] for k, _a, _b in diffs if k.endswith('class_name')]
     inside = lambda k: any(k.startswith(p) and k != p + 'class_name' for p in renamed)
     diffs = [(k, a, b) for k, a, b in diffs if not inside(k) or ABSENT not in (a, b)]
-    refused = [d for d in diffs if d[0].split('.')[0] not in RESUMABLE]
+    refused = [d for d in diffs if not any(d[0] == r or d[0].startswith(r + '.') for r in RESUMABLE)]
     return refused, [d for d in diffs if d not in refused]
 
 

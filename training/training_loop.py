@@ -254,14 +254,16 @@ def _training_loop(
                                              **data_loader_kwargs)
         data_iter = iter(loader)
 
-    # Preview grid: fixed latents and labels, so grids from different snapshots are comparable.
+    # Preview grid: fixed latents and labels, so grids from different snapshots are comparable. Sampled before
+    # every snapshot (a few images when previews are off): a generator whose samples are not finite is not written.
     grid = None
-    if preview_grid and rank == 0 and hasattr(method, 'sample'):
+    if rank == 0:
         g = torch.Generator().manual_seed(seed)
         ref = next(iter(method.networks().values()))
         label_dim = getattr(ref, 'label_dim', 0)
-        z = torch.randn([preview_grid, ref.img_channels, ref.img_resolution, ref.img_resolution], generator=g)
-        c = torch.eye(label_dim)[torch.arange(preview_grid) % label_dim] if label_dim else None
+        n = preview_grid or 8
+        z = torch.randn([n, ref.img_channels, ref.img_resolution, ref.img_resolution], generator=g)
+        c = torch.eye(label_dim)[torch.arange(n) % label_dim] if label_dim else None
         grid = (z.to(device), c.to(device) if c is not None else None)
 
     # Graceful stop on SIGTERM/SIGINT.
@@ -299,11 +301,12 @@ def _training_loop(
             if not done and not wanted and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
                 continue
 
-            # Tick: progress, statistics, snapshot, state.
+            # Tick: progress, statistics, snapshot, state; nothing is written once the run has diverged.
             tick_end_time = time.time()
-            if not misc.all_finite(method.networks().values()):
-                raise FloatingPointError(f'Training diverged: non-finite weights at {cur_nimg / 1000:.1f} kimg; '
-                                         f'resume from the last training state in "{run_dir}" with a lower --lr')
+            health = training_stats.collect(device, prefix=('Loss/', 'Health/'), reset=False)
+            reason = _divergence(health, method)
+            if reason is not None:
+                raise dnnlib.util.RunError(_diverged_message(reason, run_dir, cur_nimg))
             fields = [f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1000:<9.1f}',
                       f'time {dnnlib.util.format_time(tick_end_time - start_time):<12s}',
                       f'sec/tick {tick_end_time - tick_start_time:<7.1f}',
@@ -321,11 +324,12 @@ def _training_loop(
                 fields.append(f'gpumem {torch.cuda.max_memory_allocated(device) / 2**30:<6.2f}')
                 training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30)
                 torch.cuda.reset_peak_memory_stats()
-            distributed.print0(' '.join(fields))
+            distributed.print0(' '.join(fields + _health_fields(health)))
 
             is_snapshot = snapshot_ticks is not None and (done or wanted or cur_tick % snapshot_ticks == 0)
             if is_snapshot:
-                _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, rank)
+                if not _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, preview_grid, rank):
+                    raise dnnlib.util.RunError(_diverged_message('the generator\'s samples are not finite', run_dir, cur_nimg))
                 with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
                     _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device)
             if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0):
@@ -358,17 +362,63 @@ def _training_loop(
 
 # ----------------------------------------------------------------------------
 
-def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, rank):
+def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, preview_grid, rank):
+    """Rank 0 samples the grid, then writes the snapshot and the preview PNG, unless a sample is not finite:
+    returns (on every rank) whether it wrote."""
+    ok = True
+    if rank == 0:
+        rows = method.preview(*grid) if hasattr(method, 'preview') else [method.sample(*grid)]
+        ok = bool(torch.stack([torch.isfinite(r).all() for r in rows]).all())
+    if not distributed.broadcast_object(ok):
+        return False
     if rank != 0:
-        return
+        return True
     data = method.snapshot()
     data['dataset_kwargs'] = dict(dataset_kwargs) if dataset_kwargs is not None else None  # a plain dict, as EDM's
     _write_pickle(data, os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pkl'))
-    if grid is not None:
-        rows = method.preview(*grid) if hasattr(method, 'preview') else [method.sample(*grid)]
+    if preview_grid:
         n = rows[0].shape[0]
         w = next(d for d in range(max(math.isqrt(n), 1), n + 1) if n % d == 0)  # each kind a w-wide block, stacked
         misc.save_image_grid(torch.cat([r.cpu() for r in rows]), os.path.join(run_dir, f'fakes-{cur_nimg // 1000:06d}.png'), grid_w=w)
+    return True
+
+
+def _divergence(health, method):
+    """Why the run must stop, or None: a loss with no finite value in the whole tick, or non-finite weights.
+    A non-finite step now and then is only counted: its update is skipped (training/optim.py)."""
+    dead = [name for name, s in health.items() if name.startswith('Loss/') and s['num'] == 0]
+    if dead:
+        return f'{dead[0]} was non-finite in every step of the tick ({int(health[dead[0]]["nonfinite"])} values)'
+    if not misc.all_finite(method.networks().values()):
+        return 'non-finite weights'
+    return None
+
+
+def _diverged_message(reason, run_dir, cur_nimg):
+    """One line: what happened, the last training state (every state written passed these checks), what to do."""
+    try:
+        path = find_latest_state(run_dir)
+    except dnnlib.util.RunError:
+        return (f'Training diverged at {cur_nimg / 1000:g} kimg: {reason}; no training state was written yet: '
+                f'start again with a lower --lr')
+    return (f'Training diverged at {cur_nimg / 1000:g} kimg: {reason}; the last training state is "{path}": '
+            f'resume from it with a lower learning rate (--resume={run_dir} --lr=...)')
+
+
+def _health_fields(health):
+    """Tick-line fields, only when there is something to see: non-finite loss values, skipped steps, fp16 scales."""
+    fields = []
+    nonfinite = sum(s.get('nonfinite', 0) for name, s in health.items() if name.startswith('Loss/'))
+    if nonfinite:
+        fields.append(f'nonfinite {int(nonfinite)}')
+    skipped = {name[len('Health/skipped_'):]: s['num'] * s['mean'] for name, s in health.items()
+               if name.startswith('Health/skipped_') and s['mean']}
+    if skipped:
+        fields.append('skipped ' + ','.join(f'{k}:{int(v)}' for k, v in sorted(skipped.items())))
+    scales = [s['mean'] for name, s in health.items() if name.startswith('Health/loss_scale_') and s['mean']]
+    if scales:
+        fields.append(f'scale {min(scales):g}')
+    return fields
 
 
 def _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, device):
