@@ -225,11 +225,17 @@ def check_cell(method_name, config_name, precision, ctx, reference):
 
 
 class SyncCounter:
-    """Host-device synchronisations inside the block: CUDA's sync debug mode warns on each; the CPU has none."""
+    """Host-device synchronisations inside the block. CUDA: its sync debug mode warns on each. CPU, where nothing
+    waits: the calls that would wait on CUDA (a value read on the host, a data-dependent shape), counted by name."""
+    NAMES = ['item', 'tolist', '__bool__', '__float__', '__int__', 'numpy', 'nonzero', '__format__', '__repr__']
 
     def __init__(self, device):
-        self.device = device
-        self.count = 0
+        self.device = torch.device(device)
+        self.calls = []
+
+    @property
+    def count(self):
+        return len(self.calls)
 
     def __enter__(self):
         if self.device.type == 'cuda':
@@ -237,13 +243,33 @@ class SyncCounter:
             self._log = self._warnings.__enter__()
             warnings.simplefilter('always')
             torch.cuda.set_sync_debug_mode('warn')
+            return self
+        self._saved = {name: getattr(torch.Tensor, name) for name in [*self.NAMES, '__getitem__']}
+        for name in self.NAMES:
+            setattr(torch.Tensor, name, self._counting(name, self._saved[name]))
+        getitem = self._saved['__getitem__']
+
+        def masked_getitem(t, idx):  # boolean-mask indexing: the result's shape depends on the data
+            if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
+                self.calls.append('bool index')
+            return getitem(t, idx)
+        torch.Tensor.__getitem__ = masked_getitem
         return self
+
+    def _counting(self, name, fn):
+        def wrapper(*args, **kwargs):
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
 
     def __exit__(self, *exc):
         if self.device.type == 'cuda':
             torch.cuda.set_sync_debug_mode('default')
             self._warnings.__exit__(*exc)
-            self.count = sum('synchroniz' in str(w.message) for w in self._log)
+            self.calls = [str(w.message) for w in self._log if 'synchroniz' in str(w.message)]
+            return
+        for name, fn in self._saved.items():
+            setattr(torch.Tensor, name, fn)
 
 # ----------------------------------------------------------------------------
 # Part 2: the command lines under torchrun.
@@ -408,10 +434,10 @@ def main(device, tiny, batch, steps, methods, workdir, json_path):
             rows.append(dict(part='2', method=f'train.py dmd x{nproc}', config='cifar10', precision='default',
                              result=f'FAIL ({type(e).__name__}: {str(e).splitlines()[0][:80]})'))
     if len(states) == 2:  # world-size invariance: the same weights from 1 and 2 processes
-        a, b = states[1]['method']['G'], states[2]['method']['G']
-        diff = max(((a[k].double() - b[k].double()).norm() / a[k].double().norm().clamp(min=1e-30)).item() for k in a)
+        a, b = (torch.cat([v.double().flatten() for v in s['method']['G'].values()]) for s in (states[1], states[2]))
+        diff = ((a - b).norm() / a.norm()).item()  # all of G: a single small bias can differ more (Adam's sign-like steps)
         rows.append(dict(part='2', method='1 vs 2 processes, G', config='cifar10', precision='default', grad_diff=diff,
-                         result='pass' if diff < 1e-2 else 'FAIL'))
+                         result='pass' if diff < 1e-4 else 'FAIL'))
     if 1 in states:
         try:
             rows.append(check_generate_fid(ctx, os.path.join(workdir, 'cli-1')))

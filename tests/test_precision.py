@@ -205,36 +205,6 @@ def test_fp16_resume_is_bitwise_exact_with_the_loss_scale(data, tmp_path):
 # ----------------------------------------------------------------------------
 # No host-device synchronisation inside a step.
 
-class CountSyncs:
-    """Counts calls that would wait for the device on CUDA (values read on the host, data-dependent shapes)."""
-    NAMES = ['item', 'tolist', '__bool__', '__float__', '__int__', 'numpy', 'nonzero', '__format__', '__repr__']
-
-    def __enter__(self):
-        self.calls, self.saved = [], {}
-        for name in self.NAMES:
-            self.saved[name] = getattr(torch.Tensor, name)
-            setattr(torch.Tensor, name, self._counting(name, self.saved[name]))
-        self.saved['__getitem__'] = torch.Tensor.__getitem__
-        getitem = self.saved['__getitem__']
-
-        def masked_getitem(t, idx):  # boolean-mask indexing has a data-dependent shape
-            if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
-                self.calls.append('bool index')
-            return getitem(t, idx)
-        torch.Tensor.__getitem__ = masked_getitem
-        return self
-
-    def _counting(self, name, fn):
-        def wrapper(*args, **kwargs):
-            self.calls.append(name)
-            return fn(*args, **kwargs)
-        return wrapper
-
-    def __exit__(self, *exc):
-        for name, fn in self.saved.items():
-            setattr(torch.Tensor, name, fn)
-
-
 @pytest.fixture(scope='module')
 def rehearsal_inputs(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('gpu-check'))
@@ -253,7 +223,7 @@ def test_no_host_sync_inside_a_training_step(rehearsal_inputs, method):
         dataset = ImageFolderDataset(path=c['paths']['data'], use_labels=True)
         for step in range(4):
             rounds = gpu_check.rounds_for(step, dataset, 4, torch.device('cpu'))
-            with CountSyncs() as counter:
+            with gpu_check.SyncCounter('cpu') as counter:
                 m.step(rounds, step * 4)
             assert counter.calls == [], (method, step, counter.calls)
     training_stats.collect()
