@@ -7,6 +7,7 @@ import os
 import torch
 
 _device = None
+_cpu_group = None  # a gloo group beside NCCL, for host-side flags that must not wait for the GPU
 
 # How long a rank may wait in a collective (barrier, all-reduce, ...) before the job fails. NCCL's default of 10
 # minutes is shorter than some legitimate waits, e.g. the other ranks waiting while rank 0 downloads a teacher or
@@ -18,7 +19,7 @@ DEFAULT_TIMEOUT_MIN = 60
 
 def init(device=None):
     """Join the torchrun process group if there is one; returns the device this rank uses."""
-    global _device
+    global _device, _cpu_group
     if device is None:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = torch.device(device)
@@ -29,6 +30,8 @@ def init(device=None):
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
         kwargs = dict(device_id=device) if device.type == 'cuda' else {}
         torch.distributed.init_process_group(backend=backend, init_method='env://', timeout=timeout(), **kwargs)
+        if backend == 'nccl':
+            _cpu_group = torch.distributed.new_group(backend='gloo', timeout=timeout())
     _device = device
     return device
 
@@ -96,6 +99,16 @@ def broadcast_(x, src=0):
     if is_distributed():
         torch.distributed.broadcast(x, src=src)
     return x
+
+
+def any_rank(flag):
+    """True on every rank when `flag` is true on any: an all-reduce of a CPU tensor (gloo), cheap enough for every
+    step and never waiting for the GPU."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.all_reduce(t, group=_cpu_group)
+    return bool(t.item() > 0)
 
 
 def broadcast_object(obj, src=0):
