@@ -63,11 +63,16 @@ def open_dataset(data, cond, xflip, cache, max_size=None):
     from training.dataset import ImageFolderDataset
     kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=cond,
                              xflip=xflip, cache=cache, max_size=max_size)
+    problem = None
     try:
         ds = ImageFolderDataset(**{k: v for k, v in kwargs.items() if k != 'class_name'})
-        ds.verify()  # every image readable and of one shape, before any directory exists
+        # Every image readable and of one shape, before any directory exists; each rank reads its share.
+        ds.verify(distributed.get_rank(), distributed.get_world_size())
     except (IOError, OSError, ValueError) as e:
-        raise click.ClickException(f'--data: {e}')
+        problem = f'--data: {e}'
+    problems = [p for p in distributed.all_gather_object(problem) if p is not None]
+    if problems:  # every rank stops with the same line
+        raise click.ClickException(problems[0])
     if cond and not ds.has_labels:
         raise click.ClickException(f'--cond=1 needs labels, but "{data}" has no dataset.json labels; use --cond=0')
     kwargs.resolution = ds.resolution

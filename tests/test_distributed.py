@@ -89,3 +89,19 @@ def test_torchrun_fid_calc(tmp_path):
                           '--detector=pixels', '--workers=0'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-2000:]
     assert float(two.stdout.splitlines()[-1]) == pytest.approx(float(one.output.splitlines()[-1]), rel=1e-6)
+
+
+def test_dataset_verified_in_shares_and_every_rank_stops_with_the_same_line(tmp_path):
+    """Under torchrun each rank reads every W-th image; a bad image in rank 1's share stops both ranks with one line
+    before any directory exists (rank 0 alone would never see it)."""
+    import PIL.Image
+    from dataset_tool import save_dataset
+    rng = np.random.default_rng(0)
+    save_dataset(str(tmp_path / 'data'), [rng.integers(0, 256, [8, 8, 3], dtype=np.uint8) for _ in range(8)], None)
+    PIL.Image.fromarray(np.zeros([16, 16, 3], np.uint8)).save(tmp_path / 'data' / '00000' / 'img00000005.png')
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+                        f'--outdir={tmp_path / "runs"}', f'--data={tmp_path / "data"}', '--device=cpu', '--batch=8'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [l for l in p.stdout.splitlines() + p.stderr.splitlines() if l.startswith('Error: ')]
+    assert p.returncode != 0 and len(lines) == 2 and len(set(lines)) == 1, p.stdout + p.stderr
+    assert 'img00000005.png' in lines[0] and not (tmp_path / 'runs').exists()

@@ -111,6 +111,15 @@ def any_rank(flag):
     return bool(t.item() > 0)
 
 
+def all_gather_object(obj):
+    """[every rank's obj], in rank order."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src=0):
     """Rank src's value of a picklable object, on every rank."""
     if is_distributed():
