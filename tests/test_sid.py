@@ -54,10 +54,11 @@ def test_generator_gradient_flows_through_x_and_both_score_inputs(retargeted):
     D = k_r - k_f, w = mean|x - y_r| constant: x enters directly and through x_t in both scores (detaching either
     input, or w, changes it). Noise levels: s = Karras(1 - 0.8 u), u ~ U[0, 1), inside [0.002, s(0.2) = 24.4].
     Retargeted: a subclass's real_score replaces the teacher everywhere (how DisBack plugs in)."""
-    kwargs = dict(alpha=1.2)
-    sid = Retargeted(GaussianDenoiser(torch.full([1, 2, 2], -0.2), 0.7), GaussianDenoiser(torch.full([1, 2, 2], 0.3), 0.5),
-                     'cpu', batch_size=256, ema_halflife_kimg=None, **kwargs) if retargeted else \
-        SiD(GaussianDenoiser(torch.full([1, 2, 2], 0.3), 0.5), 'cpu', batch_size=256, ema_halflife_kimg=None, **kwargs)
+    args = (GaussianDenoiser(torch.full([1, 2, 2], 0.3), 0.5), 'cpu', 256)
+    if retargeted:
+        sid = Retargeted(GaussianDenoiser(torch.full([1, 2, 2], -0.2), 0.7), *args, alpha=1.2, ema_halflife_kimg=None)
+    else:
+        sid = SiD(*args, alpha=1.2, ema_halflife_kimg=None)
     real = sid.target if retargeted else sid.real
     with torch.no_grad():
         sid.fake.mean.fill_(0.1)
@@ -174,8 +175,8 @@ def test_step_fits_the_fake_score_first_then_the_generator():
 
 TINY = dict(img_resolution=8, img_channels=3, label_dim=4, model_type='SongUNet', model_channels=16, channel_mult=[1],
             num_blocks=1, attn_resolutions=[], dropout=0.0)
-SID_ARGS = ['--method=sid', '--batch=8', '--tick=0.008', '--snap=1', '--dump=1', '--seed=1', '--device=cpu', '--lr=1e-4',
-            '--nosubdir', '--workers=0']
+SID_ARGS = ['--method=sid', '--batch=8', '--tick=0.008', '--snap=1', '--dump=1', '--seed=1', '--device=cpu',
+            '--lr=1e-4', '--nosubdir', '--workers=0']
 
 
 @pytest.fixture(scope='module')
@@ -191,34 +192,38 @@ def files(tmp_path_factory):
     return root
 
 
+def invoke(files, outdir, *args, **kwargs):
+    args = [f'--outdir={outdir}', f'--teacher={files / "teacher.pkl"}', *SID_ARGS, *args]
+    return CliRunner().invoke(train.main, args, **kwargs)
+
+
 def options(output):
     return json.loads(output.split('Training options:')[1].split('Output directory')[0])
 
 
 def test_cli_defaults_are_the_papers_and_the_snapshot_samples_at_2p5(files, tmp_path):
-    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path}', f'--teacher={files / "teacher.pkl"}', '--duration=0.000016',
-                                        *SID_ARGS], catch_exceptions=False)
-    assert r.exit_code == 0, r.output
-    kw = options(r.output)['method_kwargs']
-    assert (kw['class_name'], kw['sigma_init'], kw['alpha'], kw['t_max'], kw['g_beta1']) == ('training.distill.sid.SiD', 2.5, 1.2, 800, 0)
+    dry_run = lambda *args: options(CliRunner().invoke(train.main, [
+        f'--outdir={tmp_path}', '--method=sid', f'--teacher={files / "teacher.pkl"}', '--device=cpu', '--dry-run', *args]).output)
+    kw = dry_run()['method_kwargs']
+    assert kw['class_name'] == 'training.distill.sid.SiD'
+    assert (kw['sigma_init'], kw['alpha'], kw['t_max'], kw['g_beta1'], kw['lr'], kw['fake_lr']) == (2.5, 1.2, 800, 0, 1e-5, None)
     assert (kw['fake_sigma'], kw['max_grad_norm'], kw['ema_halflife_kimg'], kw['gan_g_weight']) == ('lognormal', None, 500, 0)
+    kw = dry_run('--sigma-init=80', '--alpha=1', '--t-max=1000', '--g-beta1=0.9', '--lr=4e-6', '--fake-sigma=karras',
+                 '--ema=2', '--grad-clip=1')['method_kwargs']
+    assert (kw['sigma_init'], kw['alpha'], kw['t_max'], kw['g_beta1'], kw['lr']) == (80, 1, 1000, 0.9, 4e-6)
+    assert (kw['fake_sigma'], kw['ema_halflife_kimg'], kw['max_grad_norm']) == ('karras', 2000, 1)
+    r = invoke(files, tmp_path, '--duration=0.000016', catch_exceptions=False)
+    assert r.exit_code == 0, r.output
     with open(tmp_path / 'network-snapshot-000000.pkl', 'rb') as f:
         G = persistence.load(f)['ema']
     assert G.sampling_spec['num_steps'] == 1 and G.sampling_spec['sigma_max'] == 2.5
     stats = [json.loads(l) for l in open(tmp_path / 'stats.jsonl')]
     assert all('Loss/G_sid' in s and 'Loss/fake' in s and 'Loss/G_gan' not in s for s in stats)
-    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path}', f'--teacher={files / "teacher.pkl"}', *SID_ARGS, '--dry-run',
-                                        '--sigma-init=80', '--alpha=1', '--t-max=1000', '--g-beta1=0.9', '--lr=4e-6',
-                                        '--fake-sigma=karras', '--ema=2', '--grad-clip=1'])
-    kw = options(r.output)['method_kwargs']
-    assert (kw['sigma_init'], kw['alpha'], kw['t_max'], kw['g_beta1'], kw['lr']) == (80, 1, 1000, 0.9, 4e-6)
-    assert (kw['fake_sigma'], kw['ema_halflife_kimg'], kw['max_grad_norm']) == ('karras', 2000, 1)
 
 
 def test_cli_sida_trains_the_gan_head_on_real_images(files, tmp_path):
-    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path}', f'--teacher={files / "teacher.pkl"}', '--duration=0.000016',
-                                        *SID_ARGS, f'--data={files / "data.zip"}', '--cond=1', '--gan-g=1e-4'],
-                           catch_exceptions=False)
+    r = invoke(files, tmp_path, '--duration=0.000016', f'--data={files / "data.zip"}', '--cond=1', '--gan-g=1e-4',
+               catch_exceptions=False)
     assert r.exit_code == 0, r.output
     stats = [json.loads(l) for l in open(tmp_path / 'stats.jsonl')]
     assert all('Loss/G_gan' in s and 'Loss/D_gan' in s for s in stats)
@@ -252,7 +257,8 @@ def test_two_processes_match_one(files, tmp_path):
                           'train.py', f'--outdir={tmp_path / "two"}', *common],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
-    a, b = [torch.load(loop_module.find_latest_state(str(tmp_path / d)), weights_only=True)['method'] for d in ('one', 'two')]
+    a, b = [torch.load(loop_module.find_latest_state(str(tmp_path / d)), weights_only=True)['method']
+            for d in ('one', 'two')]
     assert a['num_g_steps'] == b['num_g_steps'] == 3
     for net in ('G', 'fake', 'G_ema', 'head'):
         for k in a[net]:

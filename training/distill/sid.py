@@ -70,7 +70,8 @@ class SiD(DMD):
                          betas=(g_beta1, 0.999), fake_betas=(0.0, 0.999), weight_decay=0,  # AdamW without decay: Adam
                          max_grad_norm=max_grad_norm, lr_rampup_kimg=lr_rampup_kimg, fake_sigma=fake_sigma,
                          sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, gan_g_weight=gan_g_weight,
-                         gan_d_weight=gan_d_weight, ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio)
+                         gan_d_weight=gan_d_weight, ema_halflife_kimg=ema_halflife_kimg,
+                         ema_rampup_ratio=ema_rampup_ratio)
         self.alpha = float(alpha)
         self.t_max = t_max
         self.rho = rho
