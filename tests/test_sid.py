@@ -3,10 +3,7 @@ train.py --method=sid (options, refusals, SiDA's term, 1 vs 2 processes)."""
 
 import json
 import math
-import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,13 +13,12 @@ from click.testing import CliRunner
 import train
 from dataset_tool import save_dataset
 from test_dmd import GaussianDenoiser, generator_moments, run_steps
+from test_training import train_1_and_2_processes
 from torch_utils import persistence
 from training import training_loop as loop_module
 from training.batching import Round, StepRandom
 from training.distill.sid import SiD
 from training.samplers import karras_sigma
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ----------------------------------------------------------------------------
 # The generator gradient on Gaussians. Data N(m, s_d^2), fake score the exact denoiser of N(m_f, s_f^2), so that
@@ -247,18 +243,8 @@ def test_cli_bad_input_is_one_line_before_any_directory(files, tmp_path, args, m
 
 def test_two_processes_match_one(files, tmp_path):
     """gloo: 2 processes with the same global batch give 1 process's weights, SiDA's head included."""
-    common = [f'--teacher={files / "teacher.pkl"}', '--duration=0.000024', *SID_ARGS, f'--data={files / "data.zip"}',
-              '--cond=1', '--gan-g=1e-4']
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    one = subprocess.run([sys.executable, 'train.py', f'--outdir={tmp_path / "one"}', *common],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                          'train.py', f'--outdir={tmp_path / "two"}', *common],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    a, b = [torch.load(loop_module.find_latest_state(str(tmp_path / d)), weights_only=True)['method']
-            for d in ('one', 'two')]
+    a, b = train_1_and_2_processes(tmp_path, [f'--teacher={files / "teacher.pkl"}', '--duration=0.000024', *SID_ARGS,
+                                              f'--data={files / "data.zip"}', '--cond=1', '--gan-g=1e-4'])
     assert a['num_g_steps'] == b['num_g_steps'] == 3
     for net in ('G', 'fake', 'G_ema', 'head'):
         for k in a[net]:
