@@ -304,7 +304,7 @@ def check_generate_fid(ctx, run_dir):
                  f'--device={device.type}'))
     ref = os.path.join(ctx['workdir'], 'ref.npz')
     run(torchrun(1, 'fid.py', 'ref', f'--data={ctx["inputs"]["cifar10"]["data"]}', f'--dest={ref}', '--detector=pixels'))
-    out = run(torchrun(1, 'fid.py', 'calc', f'--images={images}', f'--ref={ref}', '--num=64', '--detector=pixels')).stdout
+    out = run(torchrun(1, 'fid.py', 'calc', f'--images={images}', f'--ref={ref}', '--num-images=64', '--detector=pixels')).stdout
     fid = re.findall(r'([0-9.]+(?:e[+-]?\d+)?)\s*$', out.strip())
     ok = len([n for n in os.listdir(images) if n.endswith('.png')]) == 64 and fid and np.isfinite(float(fid[-1]))
     return dict(part='2', method='generate.py + fid.py', config='cifar10', precision='auto', result='pass' if ok else 'FAIL')

@@ -115,7 +115,7 @@ def test_expected_loss_and_gradient_are_the_closed_forms(alpha, sigma):
     loss.sum().backward()
     with torch.no_grad():
         w = (x - sid.real(x + sigma * n, torch.tensor([sigma]))).abs().mean()
-    mean_loss = loss * w / 4  # L = sum over the 4 pixels / w
+    mean_loss = loss.detach() * w / 4  # L = sum over the 4 pixels / w
     mean_grad = torch.stack([sid.G.mean.grad.sum(), sid.G.log_std.grad]) * w / 4
 
     theta = torch.tensor([mu, math.log(std)], dtype=torch.float64, requires_grad=True)

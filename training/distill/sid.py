@@ -7,7 +7,7 @@ denoising (DMD's fake-score update at EDM's log-normal noise levels, SiD's choic
 
 Generator loss, per sample: x_t = x + s*n, y_r = f_phi(x_t; s), y_f = f_psi(x_t; s),
     L = sum over pixels of (y_r - y_f) * ((y_r - x) - alpha*(y_r - y_f)) / w,   w = sg(mean over pixels of |x - y_r|),
-with alpha = 1.2 and w the per-sample normalisation (the official code's sum over pixels, clamped at 1e-5).
+with alpha = 1.2 and w the per-sample normalisation (clamped at 1e-5; the sum over pixels is the official code's).
 What is differentiated: L with respect to G's weights through every appearance of x = G(z), i.e. explicitly in
 (y_r - x) and through x_t = x + s*n inside both y_r and y_f. Both score networks are frozen (phi and psi get no
 gradient, but d y / d x_t flows back to G); w is a constant.
