@@ -125,7 +125,7 @@ def test_expected_loss_and_gradient_are_the_closed_forms(alpha, sigma):
     F = fisher(g, c, m, s_d, sigma)
     (dF,) = torch.autograd.grad(F, theta, retain_graph=True)
     (dF_frozen,) = torch.autograd.grad(frozen(g, c, m, s_d, sigma, g.item(), c.item()), theta)
-    assert float(mean_loss) == pytest.approx((1 - alpha) * float(F), rel=1e-4, abs=1e-7)
+    assert float(mean_loss) == pytest.approx((1 - alpha) * F.item(), rel=1e-4, abs=1e-7)
     torch.testing.assert_close(mean_grad.double(), 0.5 * dF + (0.5 - alpha) * dF_frozen, rtol=1e-4, atol=1e-7)
 
 
