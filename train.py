@@ -325,7 +325,36 @@ def setup_disback(opts, c, ds):
     return f'{desc}-path{nodes}'
 
 
-METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=setup_guided, disback=setup_disback)
+def setup_sid(opts, c, ds):
+    if opts.teacher is None:
+        raise click.ClickException('--method=sid needs --teacher=PKL|URL (an EDM network pickle)')
+    if opts.gan_g > 0 and ds is None:
+        raise click.ClickException('--gan-g > 0 (SiDA) trains a GAN head on real images: pass --data=ZIP|DIR')
+    for name in ('pairs', 'fake_steps'):
+        if _given(name):
+            raise click.ClickException(f'--{name.replace("_", "-")} is a DMD option: SiD has no regression loss and '
+                                       f'updates both networks every step; drop it')
+    c.method_kwargs = dnnlib.EasyDict(
+        class_name='training.distill.sid.SiD',
+        sigma_init=opts.sigma_init if _given('sigma_init') else 2.5,  # SiD's generator input noise level
+        alpha=opts.alpha,                                       # loss weight alpha (paper 1.2; AFHQv2 1.0)
+        t_max=opts.t_max,                                       # generator-loss noise levels t ~ U[0, t_max/1000]
+        lr=opts.lr or 1e-5,                                     # generator learning rate
+        fake_lr=opts.fake_lr,                                   # fake-score learning rate (None = lr)
+        g_beta1=opts.g_beta1,                                   # generator Adam beta1 (fake score: 0)
+        max_grad_norm=opts.grad_clip,                           # gradient clipping, None = off (SiD)
+        lr_rampup_kimg=opts.lr_rampup or 0,                     # learning-rate warm-up
+        fake_sigma=opts.fake_sigma if _given('fake_sigma') else 'lognormal',  # SiD: EDM's log-normal levels
+        gan_g_weight=opts.gan_g,                                # SiDA adversarial weight (0 = off; SiDA 1e-4)
+        gan_d_weight=opts.gan_d,                                # SiDA classifier weight
+        ema_halflife_kimg=(opts.ema if opts.ema is not None else 0.5) * 1000 or None,
+    )
+    name = os.path.splitext(os.path.basename(opts.teacher.rstrip('/')))[0]
+    return f'{name}-a{opts.alpha:g}{"-gan" if opts.gan_g > 0 else ""}'
+
+
+METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=setup_guided, disback=setup_disback,
+               sid=setup_sid)
 
 # ----------------------------------------------------------------------------
 
@@ -347,9 +376,9 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=se
 @click.option('--xflip',         help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False)
 @click.option('--transfer',      help='Initialise the network from a pickle', metavar='PKL|URL', type=str)
 # DMD / DMD2.
-@click.option('--sigma-init',    help='DMD: generator input noise level', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80)
+@click.option('--sigma-init',    help='DMD: generator input noise level (SiD: 2.5 unless given)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80)
 @click.option('--fake-steps',    help='DMD2: fake-score updates per generator update', metavar='INT', type=click.IntRange(min=1), default=1)
-@click.option('--fake-sigma',    help='DMD: fake-score noise levels, Karras grid (DMD) or EDM\'s log-normal', type=click.Choice(['karras', 'lognormal']), default='karras')
+@click.option('--fake-sigma',    help='DMD: fake-score noise levels, Karras grid (DMD) or EDM\'s log-normal (SiD unless given)', type=click.Choice(['karras', 'lognormal']), default='karras')
 @click.option('--fake-lr',       help='DMD: fake-score learning rate  [default: --lr]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--pairs',         help='DMD: regression pairs directory (make_pairs.py)', metavar='DIR', type=str)
 @click.option('--reg-weight',    help='DMD: regression loss weight', metavar='FLOAT', type=click.FloatRange(min=0), default=0.25)
@@ -358,7 +387,7 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=se
 @click.option('--lpips-lin',     help='DMD: LPIPS linear heads (vgg.pth)  [default: official URL]', metavar='PTH|URL', type=str)
 @click.option('--gan-g',         help='DMD2: GAN generator loss weight (0 = no GAN head; paper 3e-3)', metavar='FLOAT', type=click.FloatRange(min=0), default=0)
 @click.option('--gan-d',         help='DMD2: GAN classifier loss weight', metavar='FLOAT', type=click.FloatRange(min=0), default=1e-2)
-@click.option('--grad-clip',     help='Gradient clipping at this global norm  [default: dmd 10, pd 1, kd/guided none]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--grad-clip',     help='Gradient clipping at this global norm  [default: dmd 10, pd 1, kd/guided/sid none]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 # KD (compression by knowledge distillation, BK-SDM).
 @click.option('--kd-variant',    help='KD: student (base: fewer blocks; small: also no in0/in1; tiny: also no lowest level)', type=click.Choice(['base', 'small', 'tiny']), default='base')
 @click.option('--num-blocks',    help='KD: residual blocks per level  [default: half the teacher\'s, rounded up]', metavar='INT', type=click.IntRange(min=1))
@@ -381,6 +410,10 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=se
 @click.option('--switch-every',  help='DisBack: generator steps per path node (window of --switch=converged)', metavar='INT', type=click.IntRange(min=1), default=1000)
 @click.option('--switch',        help='DisBack: move the target every K generator steps, or when L_DM stops falling', type=click.Choice(['every', 'converged']), default='every')
 @click.option('--switch-tol',    help='DisBack: --switch=converged moves on when a window\'s L_DM fell by less than this', metavar='FRAC', type=click.FloatRange(0, 1), default=0.05)
+# SiD (with the DMD options --sigma-init, --fake-lr, --fake-sigma, --gan-g, --gan-d, --grad-clip).
+@click.option('--alpha',         help='SiD: loss weight, (y_r-y_f).(y_r-x) - alpha*|y_r-y_f|^2', metavar='FLOAT', type=float, default=1.2)
+@click.option('--t-max',         help='SiD: generator-loss noise levels t ~ U[0, t_max/1000] on the Karras map', metavar='INT', type=click.IntRange(1, 1000), default=800)
+@click.option('--g-beta1',       help='SiD: generator Adam beta1 (the fake score\'s is 0)', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0)
 # Hyperparameters.
 @click.option('--duration',      help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200)
 @click.option('--batch',         help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512)

@@ -4,10 +4,11 @@
     python bench/gpu_check.py --device=cpu --tiny           # the same checks on tiny networks (tests/test_precision.py)
 
 Part 1, in one process, for each method (edm, dmd with pairs and LPIPS, dmd with the GAN head, disback through its
-stage switch, pd across a round boundary, guided, kd), each configuration (CIFAR-10 DDPM++ cond 32x32; ImageNet-64
-ADM cond with use_fp16=True) and each precision (fp32, bf16, fp16): a few training steps with images/s, peak GPU
-memory, host syncs inside the steps (CUDA's sync debug mode) and the first step's gradient difference from fp32
-(relative L2 over every updated network, same weights, same random streams, nothing applied).
+stage switch, pd across a round boundary, guided, kd, sid with SiDA's GAN term), each configuration (CIFAR-10
+DDPM++ cond 32x32; ImageNet-64 ADM cond with use_fp16=True) and each precision (fp32, bf16, fp16): a few training
+steps with images/s, peak GPU memory, host syncs inside the steps (CUDA's sync debug mode) and the first step's
+gradient difference from fp32 (relative L2 over every updated network, same weights, same random streams, nothing
+applied).
 Part 2, the command lines: `torchrun --nproc_per_node=1 train.py --method=dmd` (pairs, LPIPS, GAN head) stopped by
 SIGTERM and resumed, the same with 2 processes when two GPUs exist (equal to 1 process), then generate.py and fid.py
 (pixel detector) on the result. Part 3 (CUDA only): DMD step time and peak memory at the official per-GPU batches
@@ -43,7 +44,7 @@ from training.dataset import ImageFolderDataset  # noqa: E402
 from training.distill import kd  # noqa: E402
 
 PRECISIONS = ['fp32', 'bf16', 'fp16']
-METHODS = ['edm', 'dmd', 'dmd-gan', 'disback', 'pd', 'guided', 'kd']
+METHODS = ['edm', 'dmd', 'dmd-gan', 'disback', 'pd', 'guided', 'kd', 'sid']
 GRAD_TOL = dict(fp32=0, bf16=0.15, fp16=0.05)  # relative L2 error of the first step's gradient against fp32
 
 # Dropout 0: the first-step gradients of two precisions then differ by precision alone (same weights, same streams).
@@ -130,6 +131,11 @@ def build_method(method, config, paths, lpips, device, batch, workdir, lpips_res
         return GuidedDistillation(teacher, device, batch, dataset, guide=guide, optimizer_kwargs=adam)
     if method == 'kd':
         return kd.KD(device, batch, teacher, dataset, optimizer_kwargs=adam)
+    if method == 'sid':  # SiDA: the GAN term too (the SiD loss backpropagates through both score networks)
+        from training.distill.sid import SiD
+        sid = SiD(teacher, device, batch, dataset=dataset, gan_g_weight=1e-4)
+        randomize_weights_(sid.fake, 1)  # a fake score unlike the teacher, so that the first gradient is not zero
+        return sid
     raise ValueError(method)
 
 

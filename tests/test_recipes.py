@@ -67,7 +67,7 @@ def test_demo_command_is_found():
 
 def test_readme_has_recipes():
     methods = {re.search(r'--method=(\w+)', c).group(1) if '--method' in c else 'edm' for c in COMMANDS}
-    assert {'edm', 'dmd', 'disback', 'pd', 'guided', 'kd'} <= methods, methods
+    assert {'edm', 'dmd', 'disback', 'pd', 'guided', 'kd', 'sid'} <= methods, methods
 
 
 @pytest.mark.parametrize('command', COMMANDS, ids=[f'recipe{i}' for i in range(len(COMMANDS))])

@@ -97,6 +97,7 @@ RESUME_CASES = {
     'guided': (['--method=guided', '--teacher={teacher_ld}', '--data={data}', '--cond=1', '--lr=1e-3'], 4, (0, 2)),
     'kd': (['--method=kd', '--teacher={teacher_kd}', '--data={data}', '--cond=1', '--kd-variant=base', '--augment=0',
             '--lr=1e-3'], 4, (0, 2)),
+    'sid': (['--method=sid', '--teacher={teacher}', '--data={data}', '--cond=1', '--lr=1e-4', '--gan-g=1e-4'], 5, (0, 3)),
 }
 
 
@@ -277,6 +278,8 @@ BAD_INPUT = {
     'damaged zip member': (['--data={damaged}', *EDM_NET], '"00000/img00000003.png" in'),
     'mixed image shapes': (['--data={mixed}', *EDM_NET], 'Image "00000/img00000005.png"'),
     'dmd teacher vs data': ([*DMD_CLI, '--data={data}', '--cond=0', '--gan-g=3e-3'],
+                            '--teacher: network is 8x8x3 with 4 labels, but the data is 8x8x3 with 0 labels'),
+    'sid teacher vs data': ([*DMD_CLI, '--method=sid', '--data={data}', '--cond=0', '--gan-g=1e-4'],
                             '--teacher: network is 8x8x3 with 4 labels, but the data is 8x8x3 with 0 labels'),
     'disback teacher vs data': ([*DMD_CLI, '--method=disback', '--data={data}', '--cond=0', '--gan-g=3e-3'],
                                 '--teacher: network is 8x8x3 with 4 labels, but the data is 8x8x3 with 0 labels'),

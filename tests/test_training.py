@@ -277,18 +277,23 @@ def test_cli_dry_run_writes_nothing(data, tmp_path):
 # ----------------------------------------------------------------------------
 # Two processes (gloo) give the weights of one process with the same global batch, with dropout too.
 
-def test_two_processes_match_one(data, tmp_path):
-    common = [f'--data={data / "cond.zip"}', '--cond=1', '--duration=0.000016', '--nosubdir', *CLI_NET, '--dropout=0.13']
+def train_1_and_2_processes(tmp_path, args):
+    """`train.py ARGS` in one process and under torchrun with two (gloo), in tmp_path/one and tmp_path/two
+    (ARGS include --nosubdir): the method states of their last training states."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    one = subprocess.run([sys.executable, 'train.py', f'--outdir={tmp_path / "one"}', *common],
+    one = subprocess.run([sys.executable, 'train.py', f'--outdir={tmp_path / "one"}', *args],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                          'train.py', f'--outdir={tmp_path / "two"}', *common],
+                          'train.py', f'--outdir={tmp_path / "two"}', *args],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
-    a, _ = final_weights(tmp_path / 'one')
-    b, _ = final_weights(tmp_path / 'two')
+    return [torch.load(loop_module.find_latest_state(str(tmp_path / d)), weights_only=True)['method'] for d in ('one', 'two')]
+
+
+def test_two_processes_match_one(data, tmp_path):
+    common = [f'--data={data / "cond.zip"}', '--cond=1', '--duration=0.000016', '--nosubdir', *CLI_NET, '--dropout=0.13']
+    a, b = [state['net'] for state in train_1_and_2_processes(tmp_path, common)]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 

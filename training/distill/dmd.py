@@ -78,7 +78,8 @@ class DMD:
         sigma_init      = 80.0,         # generator input noise level s_init (SiD uses 2.5)
         lr              = 5e-5,         # generator learning rate (CIFAR-10: 5e-5, ImageNet-64: 2e-6)
         fake_lr         = None,         # fake-score learning rate, None = lr
-        betas           = (0.9, 0.999), # AdamW betas
+        betas           = (0.9, 0.999), # AdamW betas (of both networks unless fake_betas is given)
+        fake_betas      = None,         # fake-score AdamW betas, None = betas
         weight_decay    = 0.01,         # AdamW weight decay
         max_grad_norm   = 10.0,         # gradient clipping of both networks
         lr_rampup_kimg  = 0,            # linear learning-rate warm-up of both networks (DMD2 ImageNet: see README)
@@ -156,9 +157,9 @@ class DMD:
             self.head = GANHead(h.shape[1]).to(device)
 
         fake_params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
-        adamw = dict(class_name='torch.optim.AdamW', betas=tuple(betas), weight_decay=weight_decay, max_grad_norm=max_grad_norm)
-        self.opt_G = optim.Updater(self.G.parameters(), 'G', lr=self.lr, **adamw)
-        self.opt_fake = optim.Updater(fake_params, 'fake', lr=self.fake_lr, **adamw)
+        adamw = dict(class_name='torch.optim.AdamW', weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+        self.opt_G = optim.Updater(self.G.parameters(), 'G', lr=self.lr, betas=tuple(betas), **adamw)
+        self.opt_fake = optim.Updater(fake_params, 'fake', lr=self.fake_lr, betas=tuple(fake_betas or betas), **adamw)
         self.num_steps = 0      # loop steps = fake-score updates
         self.num_g_steps = 0    # generator updates
 
@@ -187,10 +188,6 @@ class DMD:
         update_G = self.num_steps % self.fake_steps == 0
         x_per_round = [None] * len(rounds)
         if update_G:
-            self.fake.requires_grad_(False)
-            if self.head is not None:
-                self.head.requires_grad_(False)
-
             def generator_loss(i, r):
                 z = r.randn('z', *self.img_shape)
                 c = r.random_labels('c', self.label_dim)
@@ -209,17 +206,25 @@ class DMD:
                     loss = loss + self.gan_g_weight * training_stats.report('Loss/G_gan', F.softplus(-f_fake))
                 return training_stats.report('Loss/G_total', loss)
 
-            self.opt_G.backward(list(enumerate(rounds)), lambda ir: generator_loss(*ir), self.per_rank_batch)
-            self.opt_G.step(optim.rampup_lr(self.lr, cur_nimg, self.lr_rampup_kimg))
-            self.fake.requires_grad_(True)
-            if self.head is not None:
-                self.head.requires_grad_(True)
-            self.num_g_steps += 1
+            self.generator_step(list(enumerate(rounds)), lambda ir: generator_loss(*ir), cur_nimg)
         self.fake_step(rounds, x_per_round, cur_nimg)
         self.num_steps += 1
         if self.ema is not None and update_G:
             self.ema.update(cur_nimg + self.batch_size, self.batch_size)
         training_stats.report('Progress/G_steps', self.num_g_steps)
+
+    def generator_step(self, rounds, loss_fn, cur_nimg):
+        """One generator update on sum(loss_fn(round)) with the fake score (and GAN head) frozen: their weights get no
+        gradient, while G's gradient still flows through their inputs."""
+        self.fake.requires_grad_(False)
+        if self.head is not None:
+            self.head.requires_grad_(False)
+        self.opt_G.backward(rounds, loss_fn, self.per_rank_batch)
+        self.opt_G.step(optim.rampup_lr(self.lr, cur_nimg, self.lr_rampup_kimg))
+        self.fake.requires_grad_(True)
+        if self.head is not None:
+            self.head.requires_grad_(True)
+        self.num_g_steps += 1
 
     def fake_step(self, rounds, x_per_round, cur_nimg):
         """One fake-score update on G's samples: this step's (x_per_round), else fresh ones (DisBack's stage 1)."""
