@@ -169,6 +169,7 @@ RESUME_CHECKS = {
     'batch and seed': (None, ['--batch=16', '--seed=5'], 1, 'batch_size: 8 -> 16; seed: 3 -> 5'),
     'precond and cbase': (None, ['--precond=vp', '--cbase=32'], 1, 'VPPrecond"; method_kwargs.network_kwargs.model_channels: 16 -> 32)'),
     'cond': (None, ['--cond=0'], 1, 'dataset_kwargs.use_labels: true -> false'),
+    'precision': (None, ['--precision=bf16'], 1, 'precision: "fp32" -> "bf16"'),  # the states' loss scale and numerics
     'method': (None, ['--method=dmd', '--teacher={teacher}'], 1, 'method_kwargs.class_name: "training.teacher.EDM" -> "training.distill.dmd.DMD"'),
     'no states': (lambda d: os.remove(d / 'training-state-000000.pt'), [], 1, 'no training-state-*.pt in'),
     'all states damaged': (lambda d: truncate(d / 'training-state-000000.pt'), [], 1, 'none of the 1 training-state-*.pt'),
