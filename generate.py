@@ -45,9 +45,11 @@ def _parse_seeds(ctx, param, value):
         raise click.BadParameter(str(e), ctx=ctx, param=param)
 
 
-def load_network(network_pkl, allow_code=False):
-    """The network to sample from a snapshot pickle ({'ema': net, ...}) or a bare network pickle, path or URL."""
-    return persistence.load_network_pkl(network_pkl, allow_code=allow_code)
+def load_network(network_pkl, device='cpu', allow_code=False):
+    """The network to sample from a snapshot pickle ({'ema': net, ...}) or a bare network pickle, path or URL (http(s)
+    downloads are cached): in eval mode, without gradients, on `device`. A student carries its sampling spec."""
+    net = persistence.load_network_pkl(network_pkl, allow_code=allow_code)
+    return net.eval().requires_grad_(False).to(device)
 
 
 def init_and_load(device, network_pkl, allow_code, what):
@@ -61,10 +63,10 @@ def init_and_load(device, network_pkl, allow_code, what):
         raise click.ClickException(str(e))
     try:
         with dist.rank0_first():
-            net = load_network(network_pkl, allow_code=allow_code)
+            net = load_network(network_pkl, device, allow_code=allow_code)
     except (OSError, ValueError) as e:
         raise click.ClickException(f'Cannot load {what} "{network_pkl}": {e}')
-    return device, net.eval().requires_grad_(False).to(device)
+    return device, net
 
 def inference_precision(net, device, precision):
     """--precision as a backbone precision: 'auto' is EDM's rule (the network's stored use_fp16: fp16 on CUDA)."""
@@ -143,21 +145,22 @@ def generate_batch(net, seeds, device, class_idx=None, model_kwargs=None, **samp
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
 
 
-def generate_images(net, seeds, outdir, batch=64, device='cpu', subdirs=False, class_idx=None, verbose=False,
+def generate_images(net, seeds, outdir, batch=64, device='cpu', subdirs=False, class_idx=None, progress=None,
                     model_kwargs=None, **sampler_kwargs):
-    """Write {seed:06d}.png for every seed; rank r of W takes batches r, r+W, ...; returns this rank's paths."""
+    """Write {seed:06d}.png for every seed; rank r of W takes batches r, r+W, ...; returns this rank's paths.
+    progress(n) is called after each batch of n images."""
     check_class(net, class_idx)
     samplers.sampler_settings(net, **sampler_kwargs)  # fail on every rank before any work
     batches = [seeds[i : i + batch] for i in range(0, len(seeds), batch)]
     my_batches = batches[dist.get_rank() :: dist.get_world_size()]
     paths = []
-    for k, batch_seeds in enumerate(my_batches):
-        if verbose:
-            dist.print0(f'Batch {k + 1}/{len(my_batches)} (seeds {batch_seeds[0]}..{batch_seeds[-1]})')
+    for batch_seeds in my_batches:
         images = generate_batch(net, batch_seeds, device, class_idx=class_idx, model_kwargs=model_kwargs, **sampler_kwargs)
         for seed, image in zip(batch_seeds, images):
             paths.append(image_path(outdir, seed, subdirs))
             save_image(image.numpy(), paths[-1])
+        if progress is not None:
+            progress(len(batch_seeds))
     return paths
 
 # ----------------------------------------------------------------------------
@@ -189,9 +192,10 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, batch, device, trust_pi
 
     dist.print0(f'Generating {len(seeds)} images to "{outdir}" with {dist.get_world_size()} process(es), {precision}...')
     try:
-        with networks.backbone_precision(precision):
-                generate_images(net, seeds, outdir, batch=batch, device=device, subdirs=subdirs, class_idx=class_idx,
-                            verbose=True, model_kwargs=dict(guidance=guidance) if guidance is not None else None,
+        with networks.backbone_precision(precision), dnnlib.util.progress_bar(len(seeds), 'Generating') as bar:
+            generate_images(net, seeds, outdir, batch=batch, device=device, subdirs=subdirs, class_idx=class_idx,
+                            progress=dnnlib.util.share_updater(bar, dist.get_world_size()),
+                            model_kwargs=dict(guidance=guidance) if guidance is not None else None,
                             **sampler_kwargs)
     except ValueError as e:
         raise click.ClickException(str(e))

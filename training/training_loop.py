@@ -389,14 +389,17 @@ def _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, devi
 
 
 def _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device):
-    """FID-style metrics of the current generator (e.g. 'fid10k': 10,000 images, seeds 0-9999, no files written)."""
+    """Metrics of the current generator ('fid10k': FID of 10,000 images, seeds 0-9999; is50k, pr50k), no files
+    written. Detectors, reference statistics and real features are loaded once per process."""
     if not metrics:
         return
     from training import metrics as metric_lib
+    from training.dataset import ImageFolderDataset
     from training.samplers import StackedRandomGenerator
     ref_net = next(iter(method.networks().values()))
     shape = [ref_net.img_channels, ref_net.img_resolution, ref_net.img_resolution]
     label_dim = ref_net.label_dim
+    batch = metric_kwargs.get('batch', 64)
 
     def sample_fn(seeds):  # per-seed latents, then labels, exactly as generate.py draws them
         rnd = StackedRandomGenerator(device, seeds)
@@ -404,20 +407,31 @@ def _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device):
         c = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(seeds)])] if label_dim else None
         return (method.sample(z, c) * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
-    if 'detector' not in _metric_cache:
-        with distributed.rank0_first():  # a URL is downloaded into the cache once
-            _metric_cache['detector'] = metric_lib.load_detector(metric_kwargs.get('detector', 'inception'), device=device,
-                                                                  trust=metric_kwargs.get('trust_detector', False))
-            _metric_cache['ref'] = metric_lib.load_ref(metric_kwargs['ref'])
+    def cached(key, load):
+        if key not in _metric_cache:
+            with distributed.rank0_first():  # a URL is downloaded into the cache once
+                _metric_cache[key] = load()
+        return _metric_cache[key]
+
     for metric in metrics:
-        num = int(re.fullmatch(r'fid(\d+)k', metric).group(1)) * 1000
-        result = metric_lib.fid_of_sampler(sample_fn, num, _metric_cache['ref'], _metric_cache['detector'],
-                                           batch=metric_kwargs.get('batch', 64), device=device)
-        training_stats.report0(f'Metrics/{metric}', result)
-        distributed.print0(f'{metric} at {cur_nimg / 1000:.1f} kimg: {result:g}')
+        kind, num = metric_lib.parse_metric(metric)
+        name = metric_kwargs.get('detector') or metric_lib.default_detector(kind)
+        trust = metric_kwargs.get('trust_detector', False)
+        detector = cached(('detector', name, trust), lambda: metric_lib.load_detector(name, device=device, trust=trust))
+        ref = real = None
+        if kind == 'fid':
+            ref = cached(('ref', metric_kwargs['ref']), lambda: metric_lib.load_ref(metric_kwargs['ref']))
+        if kind == 'pr':  # as many real images as generated ones (all of them when there are fewer)
+            data = ImageFolderDataset(metric_kwargs['pr_data'])
+            real = cached(('real', metric_kwargs['pr_data'], name, trust, num), lambda: metric_lib.compute_features(
+                data, detector, num=min(len(data), num), batch=batch, device=device))
+        results = metric_lib.sampler_metric(metric, sample_fn, detector, ref=ref, real=real, batch=batch, device=device)
+        for key, value in results.items():
+            training_stats.report0(f'Metrics/{key}', value)
+        distributed.print0(f'{metric} at {cur_nimg / 1000:.1f} kimg: {", ".join(f"{k} {v:g}" for k, v in results.items())}')
         if distributed.get_rank() == 0:
             with open(os.path.join(run_dir, f'metric-{metric}.jsonl'), 'at') as f:
-                f.write(json.dumps(dict(kimg=cur_nimg / 1000, value=result, timestamp=time.time())) + '\n')
+                f.write(json.dumps(dict(kimg=cur_nimg / 1000, results=results, timestamp=time.time())) + '\n')
 
 
-_metric_cache = {}  # detector and reference statistics, loaded once per process
+_metric_cache = {}  # detectors, reference statistics and real features, loaded once per process
