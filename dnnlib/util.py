@@ -90,13 +90,14 @@ def _on_terminal():
     return sys.stdout.isatty() and sys.stderr.isatty()
 
 
-def progress_bar(total, desc, unit='img'):
+def progress_bar(total, desc, unit='img', iterable=None):
     """A tqdm bar (rate, ETA) on stderr of torchrun's rank 0; off on other ranks, when stdout or stderr is not a
-    terminal (redirected to a file, a job log) and with TQDM_DISABLE=1. Use as a context manager; .update(n)."""
+    terminal (redirected to a file, a job log) and with TQDM_DISABLE=1. Use as a context manager: .update(n), or
+    iterate over it to advance through `iterable`."""
     import tqdm
     disable = (os.environ.get('RANK', '0') != '0' or not _on_terminal()
                or os.environ.get('TQDM_DISABLE', '0').lower() not in ('', '0', 'false'))
-    return tqdm.tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+    return tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
 
 
 def share_updater(bar, world_size):

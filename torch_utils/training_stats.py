@@ -37,23 +37,36 @@ def report0(name, value):
     return value
 
 
-def collect(device=None):
-    """{name: {'num', 'mean', 'std'[, 'nonfinite']}} over all ranks since the last call; resets the accumulators."""
+def _reduced(device, prefix=''):
+    """(sorted names, float64 [names, 4] moments summed over ranks) of the names under `prefix`; all ranks call."""
     device = device or distributed.device()
-    names = set(_moments)
+    names = {n for n in _moments if n.startswith(prefix)}
     if distributed.is_distributed():
         gathered = [None] * distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, sorted(names))
         names = set().union(*map(set, gathered))
     names = sorted(names)
     if not names:
-        return {}
+        return names, None
     zeros = torch.zeros(4, dtype=torch.float64, device=device)
     stacked = torch.stack([_moments[n].to(device) if n in _moments else zeros for n in names])
-    distributed.all_reduce_sum(stacked)
+    return names, distributed.all_reduce_sum(stacked).cpu().tolist()
+
+
+def means(prefix, device=None):
+    """{name: mean} over all ranks of the names under `prefix` since the last collect(), without resetting (for
+    progress lines); None where every value was non-finite. All ranks call."""
+    names, moments = _reduced(device, prefix)
+    return {name: s / num if num else None for name, (num, s, _sq, nonfinite) in zip(names, moments or [])
+            if num + nonfinite}
+
+
+def collect(device=None):
+    """{name: {'num', 'mean', 'std'[, 'nonfinite']}} over all ranks since the last call; resets the accumulators."""
+    names, moments = _reduced(device)
     _moments.clear()
     result = {}
-    for name, (num, s, sq, nonfinite) in zip(names, stacked.cpu().tolist()):
+    for name, (num, s, sq, nonfinite) in zip(names, moments or []):
         if num + nonfinite == 0:
             continue
         mean = s / num if num else None  # None (JSON null): every value was non-finite

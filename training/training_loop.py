@@ -321,6 +321,7 @@ def _training_loop(
                 fields.append(f'gpumem {torch.cuda.max_memory_allocated(device) / 2**30:<6.2f}')
                 training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30)
                 torch.cuda.reset_peak_memory_stats()
+            fields += _tick_fields(cur_nimg, total_kimg, (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1000, device)
             distributed.print0(' '.join(fields))
 
             is_snapshot = snapshot_ticks is not None and (done or wanted or cur_tick % snapshot_ticks == 0)
@@ -357,6 +358,15 @@ def _training_loop(
     return True
 
 # ----------------------------------------------------------------------------
+
+def _tick_fields(cur_nimg, total_kimg, sec_per_kimg, device):
+    """The tick line's tail: the method's losses (Loss/* means over all ranks since the last tick; all ranks call)
+    and the time to --duration at this tick's speed (snapshots, metrics and state dumps to come not included)."""
+    losses = training_stats.means('Loss/', device)
+    fields = [f'{name[5:]} {value:<9.4g}' if value is not None else f'{name[5:]} {"nan":<9s}' for name, value in losses.items()]
+    eta = max(total_kimg * 1000 - cur_nimg, 0) / 1000 * sec_per_kimg
+    return fields + [f'eta {dnnlib.util.format_time(eta)}']
+
 
 def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, rank):
     if rank != 0:
