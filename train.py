@@ -391,6 +391,7 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=se
 @click.option('--metrics',       help='Metrics at each snapshot: fidNk, isNk (Inception Score), prNk (precision/recall), e.g. fid50k,is50k,pr50k', metavar='LIST', type=str)
 @click.option('--ref',           help='Reference statistics for --metrics=fidNk (fid.py ref)', metavar='NPZ|URL', type=str)
 @click.option('--pr-data',       help='Real images for --metrics=prNk  [default: --data]', metavar='ZIP|DIR', type=str)
+@click.option('--tensorboard',   help='Also write the statistics as TensorBoard event files (needs tensorboard)', is_flag=True)
 @click.option('--detector',      help='Detector for every --metrics: inception, vgg16, pixels or PKL (--trust-pickle)  [default: inception for fid/is, vgg16 for pr]', metavar='NAME|PKL', type=str)
 # Performance and I/O.
 @click.option('--bench',         help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True)
@@ -473,6 +474,12 @@ def _main(opts):
     c.snapshot_ticks = opts.snap
     c.state_dump_ticks = opts.dump
     c.cudnn_benchmark = opts.bench
+    if opts.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401 (needs the tensorboard package)
+        except ImportError:
+            raise click.ClickException('--tensorboard needs the tensorboard package: pip install tensorboard') from None
+        c.tensorboard = True
     if opts.metrics:
         from training.metrics import parse_metric
         c.metrics = [m.strip() for m in opts.metrics.split(',') if m.strip()]

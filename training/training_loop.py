@@ -179,6 +179,7 @@ def _training_loop(
     preview_grid        = 64,       # images in the preview grid written with each snapshot, 0 = off
     metrics             = [],       # in-training metrics computed at each snapshot
     metric_kwargs       = {},       # keywords of the metric functions (ref, detector, ...)
+    tensorboard         = False,    # also write the statistics as TensorBoard event files (rank 0)
     cudnn_benchmark     = True,
     device              = torch.device('cpu'),
 ):
@@ -273,6 +274,8 @@ def _training_loop(
     tick_start_time = time.time()
     maintenance_time = tick_start_time - start_time
     stats_jsonl = None
+    # On resume, TensorBoard hides the events a killed run logged after its state (as stats.jsonl drops them).
+    stats_tfevents = _tensorboard_writer(run_dir, cur_nimg + 1 if resume_state else None) if tensorboard and rank == 0 else None
     try:
         while True:
             done = cur_nimg >= total_kimg * 1000
@@ -338,6 +341,8 @@ def _training_loop(
                     stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
                 stats_jsonl.write(json.dumps(dict(stats, timestamp=time.time())) + '\n')
                 stats_jsonl.flush()
+                if stats_tfevents is not None:
+                    _write_tensorboard(stats_tfevents, stats, cur_nimg)
 
             cur_tick += 1
             tick_start_nimg = cur_nimg
@@ -354,6 +359,8 @@ def _training_loop(
             signal.signal(s, h)
         if stats_jsonl is not None:
             stats_jsonl.close()
+        if stats_tfevents is not None:
+            stats_tfevents.close()
     distributed.print0('\nExiting...')
     return True
 
@@ -366,6 +373,19 @@ def _tick_fields(cur_nimg, total_kimg, sec_per_kimg, device):
     fields = [f'{name[5:]} {value:<9.4g}' if value is not None else f'{name[5:]} {"nan":<9s}' for name, value in losses.items()]
     eta = max(total_kimg * 1000 - cur_nimg, 0) / 1000 * sec_per_kimg
     return fields + [f'eta {dnnlib.util.format_time(eta)}']
+
+
+def _tensorboard_writer(run_dir, purge_step):
+    from torch.utils.tensorboard import SummaryWriter  # optional: train.py checks it before starting
+    return SummaryWriter(run_dir, purge_step=purge_step)
+
+
+def _write_tensorboard(writer, stats, cur_nimg):
+    """One tick's statistics (their means; all-non-finite ones skipped) at step = images seen, as stats.jsonl."""
+    for name, value in stats.items():
+        if value['mean'] is not None:
+            writer.add_scalar(name, value['mean'], global_step=cur_nimg)
+    writer.flush()
 
 
 def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, rank):
