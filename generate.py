@@ -118,20 +118,25 @@ def save_image_grid(images, path, grid_w, grid_h):
 # Generation core, shared with the training loop.
 
 def check_class(net, class_idx):
-    """A fixed class needs a conditional network and an index below its label_dim."""
+    """A fixed class (or one per seed) needs a conditional network and indices below its label_dim."""
     if class_idx is None:
         return
     if not net.label_dim:
         raise ValueError(f'--class={class_idx} given, but the network is unconditional (label_dim=0); drop --class')
-    if not 0 <= class_idx < net.label_dim:
-        raise ValueError(f'--class={class_idx} is out of range: the network has {net.label_dim} classes '
-                         f'(0..{net.label_dim - 1})')
+    for c in np.atleast_1d(class_idx).tolist():
+        if not 0 <= c < net.label_dim:
+            raise ValueError(f'--class={c} is out of range: the network has {net.label_dim} classes '
+                             f'(0..{net.label_dim - 1})')
 
 
 @torch.no_grad()
-def generate_batch(net, seeds, device, class_idx=None, model_kwargs=None, **sampler_kwargs):
+def generate_batch(net, seeds, device='cpu', class_idx=None, model_kwargs=None, **sampler_kwargs):
     """Seeds -> uint8 NCHW images on the CPU. Per seed: latents, then class label, then sampler noise.
+    class_idx: None (random, drawn from the seed), one class, or a class per seed.
     model_kwargs go to every network call (e.g. guidance=w for a guided-distillation student)."""
+    check_class(net, class_idx)
+    if class_idx is not None and np.ndim(class_idx) and len(class_idx) != len(seeds):
+        raise ValueError(f'{len(class_idx)} classes for {len(seeds)} seeds: give one class, or one per seed')
     rnd = samplers.StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
     class_labels = None
@@ -140,7 +145,7 @@ def generate_batch(net, seeds, device, class_idx=None, model_kwargs=None, **samp
         class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[len(seeds)])]
         if class_idx is not None:
             class_labels = torch.zeros_like(class_labels)
-            class_labels[:, class_idx] = 1
+            class_labels[torch.arange(len(seeds)), torch.as_tensor(class_idx)] = 1
     x = samplers.sample(net, latents, class_labels, rnd.randn_like, model_kwargs=model_kwargs, **sampler_kwargs)
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
 
