@@ -194,31 +194,47 @@ import sys
 import numpy as np
 import torch
 from torch_utils import distributed as dist
-from training import metrics
+from training import metrics, training_loop
 from training.dataset import ImageFolderDataset
 
 def sample_fn(seeds):
     return torch.stack([torch.randint(0, 256, [3, 2, 2], dtype=torch.uint8,
                                       generator=torch.Generator().manual_seed(s)) for s in seeds])
 
+class Method:
+    """The training loop's view of a method: networks() and sample(z, c) -> images in [-1, 1]."""
+    def networks(self):
+        net = torch.nn.Module()
+        net.img_channels, net.img_resolution, net.label_dim = 3, 2, 0
+        return dict(G=net)
+
+    def sample(self, z, c):
+        return torch.tanh(z)
+
 dist.init()
 data = metrics.compute_features(ImageFolderDataset(sys.argv[1]), metrics.pixels_detector, num=7, seed=3, batch=2)
 sampled = metrics.compute_features(metrics.sampler_batches(sample_fn, 5, batch=2), metrics.pixels_detector)
+# In-training precision/recall: real features (a collective) and the generated ones, in the run directory sys.argv[3].
+training_loop._run_metrics(Method(), ['pr1k'], dict(detector='pixels', pr_data=sys.argv[1], batch=7), sys.argv[3],
+                           0, torch.device('cpu'))
 if dist.get_rank() == 0:
     np.savez(sys.argv[2], data=data.numpy(), sampled=sampled.numpy(), world=dist.get_world_size())
 dist.shutdown()
 '''
 
 
-def test_features_gathered_across_two_processes_in_global_order(tmp_path):
+def test_features_and_in_training_pr_across_two_processes_in_global_order(tmp_path):
     images = random_images(11, [3, 2, 2], seed=6)
     data = write_images(tmp_path / 'data', images)
     (tmp_path / 'run.py').write_text(TORCHRUN_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           str(tmp_path / 'run.py'), data, str(tmp_path / 'two.npz')],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name, launcher in [('one', []), ('two', ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'])]:
+        os.makedirs(tmp_path / name)
+        proc = subprocess.run([sys.executable, *launcher, str(tmp_path / 'run.py'), data, str(tmp_path / f'{name}.npz'),
+                               str(tmp_path / name)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    pr = [json.loads((tmp_path / name / 'metric-pr1k.jsonl').read_text())['results'] for name in ('one', 'two')]
+    assert pr[0] == pr[1] and 0 < pr[0]['pr1k_precision'] < 1
     keep = np.arange(11)
     np.random.RandomState(3).shuffle(keep)
     with np.load(tmp_path / 'two.npz') as two:

@@ -437,9 +437,9 @@ def _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device):
         c = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(seeds)])] if label_dim else None
         return (method.sample(z, c) * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
-    def cached(key, load):
+    def downloaded(key, load):  # loaded once per process; a URL is downloaded into the cache once
         if key not in _metric_cache:
-            with distributed.rank0_first():  # a URL is downloaded into the cache once
+            with distributed.rank0_first():
                 _metric_cache[key] = load()
         return _metric_cache[key]
 
@@ -447,14 +447,17 @@ def _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device):
         kind, num = metric_lib.parse_metric(metric)
         name = metric_kwargs.get('detector') or metric_lib.default_detector(kind)
         trust = metric_kwargs.get('trust_detector', False)
-        detector = cached(('detector', name, trust), lambda: metric_lib.load_detector(name, device=device, trust=trust))
+        detector = downloaded(('detector', name, trust), lambda: metric_lib.load_detector(name, device=device, trust=trust))
         ref = real = None
         if kind == 'fid':
-            ref = cached(('ref', metric_kwargs['ref']), lambda: metric_lib.load_ref(metric_kwargs['ref']))
+            ref = downloaded(('ref', metric_kwargs['ref']), lambda: metric_lib.load_ref(metric_kwargs['ref']))
         if kind == 'pr':  # as many real images as generated ones (all of them when there are fewer)
-            data = ImageFolderDataset(metric_kwargs['pr_data'])
-            real = cached(('real', metric_kwargs['pr_data'], name, trust, num), lambda: metric_lib.compute_features(
-                data, detector, num=min(len(data), num), batch=batch, device=device))
+            key = ('real', metric_kwargs['pr_data'], name, trust, num)
+            if key not in _metric_cache:  # a collective: every rank featurises its share
+                data = ImageFolderDataset(metric_kwargs['pr_data'])
+                _metric_cache[key] = metric_lib.compute_features(data, detector, num=min(len(data), num), batch=batch,
+                                                                 device=device)
+            real = _metric_cache[key]
         results = metric_lib.sampler_metric(metric, sample_fn, detector, ref=ref, real=real, batch=batch, device=device)
         for key, value in results.items():
             training_stats.report0(f'Metrics/{key}', value)
