@@ -45,6 +45,13 @@ def _features(dataset, detector_net, desc, num, **kwargs):
                                         progress=dnnlib.util.share_updater(bar, dist.get_world_size()))
 
 
+def _init(detector, trust_detector):
+    """(device, detector network): torchrun-aware init, then rank 0 first, so that a URL is downloaded once."""
+    device = dist.init()
+    with dist.rank0_first():
+        return device, metrics.load_detector(detector, device=device, trust=trust_detector)
+
+
 def _open_images(path):
     dataset = ImageFolderDataset(path=path)
     dist.print0(f'Found {len(dataset)} images of shape {list(np.asarray(dataset[0][0]).shape)} in "{path}"')
@@ -94,10 +101,9 @@ def calc(image_path, ref_path, num_expected, num_alias, seed, detector, trust_de
         if click.get_current_context().get_parameter_source('num_expected') != click.core.ParameterSource.DEFAULT:
             raise click.UsageError('--num is --num-images under another name: give only one of them')
         num_expected = num_alias
-    device = dist.init()
+    device, detector_net = _init(detector, trust_detector)
     with dist.rank0_first():  # a URL is downloaded into the cache once
         mu_ref, sigma_ref = metrics.load_ref(ref_path)
-        detector_net = metrics.load_detector(detector, device=device, trust=trust_detector)
     dataset = _open_images(image_path)
 
     # Fail before the long pass if these images cannot match the reference (pixels: resolution, channels).
@@ -126,9 +132,7 @@ def calc(image_path, ref_path, num_expected, num_alias, seed, detector, trust_de
 @_one_line_errors
 def ref(dataset_path, dest_path, detector, trust_detector, max_batch_size, num_workers):
     """Calculate reference statistics (mu, sigma) over all images of a dataset."""
-    device = dist.init()
-    with dist.rank0_first():  # a URL is downloaded into the cache once
-        detector_net = metrics.load_detector(detector, device=device, trust=trust_detector)
+    device, detector_net = _init(detector, trust_detector)
     dataset = _open_images(dataset_path)
 
     with dnnlib.util.progress_bar(len(dataset), 'Calculating statistics') as bar:
@@ -156,9 +160,7 @@ def inception_score(image_path, num_expected, splits, seed, detector, trust_dete
     """Calculate the Inception Score (mean and std over splits) of images in a folder or zip."""
     if num_expected < splits:
         raise click.BadParameter(f'{num_expected} images cannot be split {splits} ways', param_hint='--num-images')
-    device = dist.init()
-    with dist.rank0_first():  # a URL is downloaded into the cache once
-        detector_net = metrics.load_detector(detector, device=device, trust=trust_detector)
+    device, detector_net = _init(detector, trust_detector)
     dataset = _open_images(image_path)
     metrics.detector_features(detector_net, torch.from_numpy(np.asarray(dataset[0][0]))[None], device,
                               probabilities=True)  # fail before the long pass (e.g. --detector=pixels)
@@ -182,9 +184,7 @@ def pr(image_path, dataset_path, num_expected, seed, detector, trust_detector, m
     """Calculate precision and recall (k = 3 nearest neighbours) of generated images against real ones.
 
     As many real images as generated ones are used (all of them when there are fewer)."""
-    device = dist.init()
-    with dist.rank0_first():  # a URL is downloaded into the cache once
-        detector_net = metrics.load_detector(detector, device=device, trust=trust_detector)
+    device, detector_net = _init(detector, trust_detector)
     dataset, real_dataset = _open_images(image_path), _open_images(dataset_path)
     kwargs = dict(seed=seed, batch=max_batch_size, device=device, num_workers=num_workers)
     fake = _features(dataset, detector_net, 'Generated features', num=num_expected, **kwargs)

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-import requests
 import torch
 from click.testing import CliRunner
 
@@ -18,7 +17,7 @@ import fid
 import generate
 import train
 from test_dmd import DMD_ARGS, teacher_pkl  # noqa: F401 (a fixture: a tiny conditional 8x8 teacher)
-from test_fid import assert_one_line_error, random_images, write_images
+from test_fid import assert_one_line_error, go_offline, random_images, write_images
 from training import metrics
 from training.dataset import ImageFolderDataset
 
@@ -171,10 +170,7 @@ def test_fid_py_is_and_pr(tmp_path, classifier_pkl):
 
 
 def test_vgg16_offline_then_cached(tmp_path, monkeypatch, classifier_pkl):
-    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
-    def offline(*args, **kwargs):
-        raise requests.ConnectionError('network is unreachable')
-    monkeypatch.setattr(requests.Session, 'get', offline)
+    go_offline(monkeypatch, tmp_path / 'cache')
     cache_path = dnnlib.util.url_cache_path(metrics.VGG16_URL)
     gen_dir = write_images(tmp_path / 'gen', random_images(5, [3, 4, 4], seed=4))
     result = CliRunner().invoke(fid.main, ['pr', '--images', gen_dir, '--data', gen_dir, '--num-images', '5'])
