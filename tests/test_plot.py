@@ -6,6 +6,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import PIL.Image
 import pytest
 from click.testing import CliRunner
@@ -65,6 +66,16 @@ def test_cli_writes_one_png_with_a_panel_each(tmp_path):
     assert sorted(os.listdir(run_dir)) == ['metric-fid1k.jsonl', 'metric-pr1k.jsonl', 'plot.png', 'stats.jsonl']
 
 
+def test_resume_truncates_metric_files_like_stats(tmp_path):
+    """A resume from the state at 2 kimg drops the metric lines logged after it, as it drops stats.jsonl's."""
+    from training.training_loop import _truncate_stats
+    run_dir = write_run(tmp_path / 'run', torn_last_line=False)
+    for name in ('stats.jsonl', 'metric-fid1k.jsonl', 'metric-pr1k.jsonl'):
+        _truncate_stats(run_dir / name, 2000)
+    run = plot.read_run(run_dir)
+    assert run['kimg'] == [1, 2] and run['metrics'] == {'fid1k': dict(kimg=[1], fid1k=[30.0]), 'pr1k': dict(kimg=[])}
+
+
 def test_cli_errors_are_one_line(tmp_path, monkeypatch):
     r = CliRunner().invoke(plot.main, [f'--run={tmp_path}'])
     assert r.exit_code == 1 and r.output == f'Error: No stats.jsonl in "{tmp_path}": pass a run directory of train.py\n'
@@ -85,7 +96,9 @@ def scalars(run_dir):
 
 
 def test_tensorboard_events_equal_stats_and_resume_hides_dropped_ticks(teacher_pkl, tmp_path):
-    args = [f'--outdir={tmp_path}', f'--teacher={teacher_pkl}', '--nosubdir', *DMD_ARGS, '--tensorboard']
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(192), sigma=np.eye(192))
+    args = [f'--outdir={tmp_path}', f'--teacher={teacher_pkl}', '--nosubdir', *DMD_ARGS, '--tensorboard',
+            '--metrics=fid1k', f'--ref={tmp_path / "ref.npz"}', '--detector=pixels']
     r = CliRunner().invoke(train.main, [*args, '--duration=0.000016'], catch_exceptions=False)  # 2 ticks of 8
     assert r.exit_code == 0, r.output
     state = tmp_path / 'state-16.pt'
@@ -109,6 +122,7 @@ def test_tensorboard_events_equal_stats_and_resume_hides_dropped_ticks(teacher_p
     assert r.exit_code == 0, r.output
     assert len(glob.glob(str(tmp_path / 'events.out.tfevents.*'))) == 3
     assert [step for step, _ in scalars(tmp_path)['Loss/G_dm']] == [8, 16, 24]
+    assert [json.loads(line)['kimg'] for line in open(tmp_path / 'metric-fid1k.jsonl')] == [0.008, 0.016, 0.024]
 
 
 def test_tensorboard_missing_is_one_line_before_any_directory(teacher_pkl, tmp_path, monkeypatch):

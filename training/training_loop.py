@@ -134,15 +134,21 @@ def _whole_line(line):
     return line + '\n'
 
 
+def _line_kimg(line):
+    """The kimg of a stats.jsonl or metric-*.jsonl line."""
+    return line['kimg'] if 'kimg' in line else line.get('Progress/kimg', {}).get('mean', 0)
+
+
 def _truncate_stats(path, max_nimg):
-    """On resume, drop stats lines logged after the state was written, so stats.jsonl stays one consistent run."""
+    """On resume, drop stats (or metric) lines logged after the state was written, so the file stays one
+    consistent run."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
         lines = [l for l in f if l.strip()]
     if lines and not lines[-1].endswith('\n'):  # a kill while writing the last line: keep it only if it is whole
         lines[-1] = _whole_line(lines[-1])
-    keep = [l for l in lines if l and json.loads(l).get('Progress/kimg', {}).get('mean', 0) * 1000 <= max_nimg + 1e-6]
+    keep = [l for l in lines if l and _line_kimg(json.loads(l)) * 1000 <= max_nimg + 1e-6]
     dnnlib.util.atomic_write(path, lambda f: f.write(''.join(keep)), mode='w')
 
 # ----------------------------------------------------------------------------
@@ -238,7 +244,8 @@ def _training_loop(
                                f'{world_size}: RNG streams restart, so the run is not bitwise reproducible')
             torch.manual_seed(seed * world_size + rank + step)
         if rank == 0:
-            _truncate_stats(os.path.join(run_dir, 'stats.jsonl'), cur_nimg)
+            for name in ['stats.jsonl'] + [n for n in os.listdir(run_dir) if re.fullmatch(r'metric-.+\.jsonl', n)]:
+                _truncate_stats(os.path.join(run_dir, name), cur_nimg)
         del state
     else:
         torch.manual_seed(seed * world_size + rank)  # per-rank stream for whatever is not keyed by sample
