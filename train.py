@@ -5,6 +5,7 @@ Options are turned into one config dict `c` (the keywords of training_loop), pri
 as training_options.json in the run directory.
 """
 
+import importlib
 import json
 import math
 import os
@@ -476,7 +477,7 @@ def _main(opts):
     c.cudnn_benchmark = opts.bench
     if opts.tensorboard:
         try:
-            import torch.utils.tensorboard  # noqa: F401 (needs the tensorboard package)
+            importlib.import_module('torch.utils.tensorboard')  # needs the tensorboard package
         except ImportError:
             raise click.ClickException('--tensorboard needs the tensorboard package: pip install tensorboard') from None
         c.tensorboard = True
