@@ -36,18 +36,18 @@ def _read_jsonl(path):
 
 
 def read_run(run_dir):
-    """{'kimg': [ticks], 'stats': {name: [mean per tick, NaN where missing or null]}, 'metrics': {metric file name:
-    {'kimg': [...], result name: [...]}}} of a run directory."""
+    """{'stats': {name: (kimg, mean) of the ticks that report it, NaN where the mean is null (every value
+    non-finite)}, 'metrics': {metric file name: {'kimg': [...], result name: [...]}}} of a run directory."""
     path = os.path.join(run_dir, 'stats.jsonl')
     if not os.path.isfile(path):
         raise ValueError(f'No stats.jsonl in "{run_dir}": pass a run directory of train.py')
     ticks = _read_jsonl(path)
     if not ticks:
         raise ValueError(f'"{path}" has no ticks yet: plot again after the first tick')
-    mean = lambda tick, name: math.nan if tick.get(name, {}).get('mean') is None else tick[name]['mean']
     names = sorted({name for tick in ticks for name in tick if isinstance(tick[name], dict)})
-    run = dict(kimg=[mean(tick, 'Progress/kimg') for tick in ticks],
-               stats={name: [mean(tick, name) for tick in ticks] for name in names}, metrics={})
+    mean = lambda value: math.nan if value['mean'] is None else value['mean']
+    run = dict(stats={name: ([t['Progress/kimg']['mean'] for t in ticks if name in t], [mean(t[name]) for t in ticks if name in t])
+                      for name in names}, metrics={})
     for metric_path in sorted(glob.glob(os.path.join(run_dir, 'metric-*.jsonl'))):
         lines = _read_jsonl(metric_path)
         if any('results' not in line for line in lines):
@@ -61,13 +61,14 @@ def read_run(run_dir):
 # ----------------------------------------------------------------------------
 # Drawing.
 
-def _panel(ax, title, x, series, log_y=False):
-    for label, y in series.items():
+def _panel(ax, title, series, log_y=False):
+    """Curves {label: (x, y)}; NaN makes a gap."""
+    for label, (x, y) in series.items():
         ax.plot(x, y, marker='.' if len(x) < 30 else None, label=label)
     ax.set_title(title)
     ax.set_xlabel('kimg')
     ax.grid(alpha=0.3)
-    values = np.array([v for y in series.values() for v in y], dtype=np.float64)
+    values = np.array([v for _, y in series.values() for v in y], dtype=np.float64)
     if log_y and values[np.isfinite(values)].size and (values[np.isfinite(values)] > 0).all():
         ax.set_yscale('log')
     if series:
@@ -79,11 +80,11 @@ def plot_run(run, out, title=None):
     import matplotlib
     matplotlib.use('Agg')  # files only, no display
     import matplotlib.pyplot as plt
-    losses = {name[5:]: y for name, y in run['stats'].items() if name.startswith('Loss/')}
-    timing = {name[7:]: y for name, y in run['stats'].items() if name in ('Timing/sec_per_kimg', 'Timing/maintenance_sec')}
-    panels = [('losses', run['kimg'], losses, True)]
-    panels += [(name, m['kimg'], {k: v for k, v in m.items() if k != 'kimg'}, False) for name, m in run['metrics'].items()]
-    panels += [('timing (seconds)', run['kimg'], timing, False)]
+    losses = {name[5:]: xy for name, xy in run['stats'].items() if name.startswith('Loss/')}
+    timing = {name[7:]: xy for name, xy in run['stats'].items() if name in ('Timing/sec_per_kimg', 'Timing/maintenance_sec')}
+    panels = [('losses', losses, True)]
+    panels += [(name, {k: (m['kimg'], v) for k, v in m.items() if k != 'kimg'}) for name, m in run['metrics'].items()]
+    panels += [('timing (seconds)', timing)]
     cols = min(len(panels), 3)
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)

@@ -27,6 +27,7 @@ def write_run(path, torn_last_line=True):
               'Timing/maintenance_sec': stat(0.5), 'timestamp': 1.0}
              for k, g, f, t in [(1, 0.5, 0.2, 10), (2, None, 0.1, 11), (3, 0.3, 0.05, 12)]]
     ticks[1]['Loss/G_dm']['nonfinite'] = 4
+    ticks[1]['Loss/G_reg'] = stat(0.7)  # reported in one tick only
     text = ''.join(json.dumps(t) + '\n' for t in ticks) + ('{"Progress/kimg": {"num"' if torn_last_line else '')
     (path / 'stats.jsonl').write_text(text)
     (path / 'metric-fid1k.jsonl').write_text(''.join(json.dumps(dict(kimg=k, results=dict(fid1k=v), timestamp=0)) + '\n'
@@ -42,8 +43,9 @@ def same(a, b):
 
 def test_read_run_series_nulls_and_torn_lines(tmp_path):
     run = plot.read_run(write_run(tmp_path / 'run'))
-    assert run['kimg'] == [1, 2, 3]
-    assert same(run['stats']['Loss/G_dm'], [0.5, math.nan, 0.3]) and run['stats']['Loss/fake'] == [0.2, 0.1, 0.05]
+    x, y = run['stats']['Loss/G_dm']
+    assert x == [1, 2, 3] and same(y, [0.5, math.nan, 0.3])  # null: a gap
+    assert run['stats']['Loss/fake'] == ([1, 2, 3], [0.2, 0.1, 0.05]) and run['stats']['Loss/G_reg'] == ([2], [0.7])
     assert run['metrics'] == {'fid1k': dict(kimg=[1, 3], fid1k=[30.0, 20.0]),
                               'pr1k': dict(kimg=[3], pr1k_precision=[0.7], pr1k_recall=[0.4])}
     # A bad line that is not the last one is an error naming it.
@@ -73,7 +75,7 @@ def test_resume_truncates_metric_files_like_stats(tmp_path):
     for name in ('stats.jsonl', 'metric-fid1k.jsonl', 'metric-pr1k.jsonl'):
         _truncate_stats(run_dir / name, 2000)
     run = plot.read_run(run_dir)
-    assert run['kimg'] == [1, 2] and run['metrics'] == {'fid1k': dict(kimg=[1], fid1k=[30.0]), 'pr1k': dict(kimg=[])}
+    assert run['stats']['Progress/kimg'][0] == [1, 2] and run['metrics'] == {'fid1k': dict(kimg=[1], fid1k=[30.0]), 'pr1k': dict(kimg=[])}
 
 
 def test_cli_errors_are_one_line(tmp_path, monkeypatch):
