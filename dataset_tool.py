@@ -19,7 +19,7 @@ import click
 import numpy as np
 import PIL.Image
 
-from dnnlib.util import atomic_write, is_hidden, os_error_message
+from dnnlib.util import atomic_write, is_hidden, os_error_message, progress_bar
 
 # ----------------------------------------------------------------------------
 # Bad input data; a ValueError for library callers, a one-line click error in the CLI.
@@ -485,7 +485,7 @@ def main(source, dest, max_images, transform, resolution):
         with open_source(source, max_images) as src:
             res, c, apply = plan_output(src.shapes, transform, resolution)
             num = len(src.shapes)
-            with click.progressbar(range(num), label=f'Writing {num} images ({res}x{res}x{c})') as bar:
+            with progress_bar(num, f'Writing {num} images ({res}x{res}x{c})', iterable=range(num)) as bar:
                 save_dataset(dest, (apply(src.load(idx)) for idx in bar), src.labels, src.label_names)
     except DatasetError as e:
         raise click.ClickException(str(e)) from e

@@ -53,4 +53,5 @@ print(f'{"":12s}{"DMD 1 step":>12s}{"teacher 35":>12s}{"floor":>12s}')
 for key, name in [(k, n) for k, n in [("fd", "FD"), ("mode_tv", "mode TV"), ("precision", "precision"), ("spread", "spread")] if k in student["images"]]:
     print(f'{name:12s}{student["images"][key]:12.5f}{teacher["images"][key]:12.5f}{student["floor"][key]:12.5f}')
 EOF
-echo "Samples: $OUT/grid.png; run directory: $RUN"
+$PY plot.py --run=$RUN --out=$OUT/plot.png > /dev/null  # losses and timing per tick
+echo "Samples: $OUT/grid.png; curves: $OUT/plot.png; run directory: $RUN"

@@ -45,9 +45,11 @@ def _parse_seeds(ctx, param, value):
         raise click.BadParameter(str(e), ctx=ctx, param=param)
 
 
-def load_network(network_pkl, allow_code=False):
-    """The network to sample from a snapshot pickle ({'ema': net, ...}) or a bare network pickle, path or URL."""
-    return persistence.load_network_pkl(network_pkl, allow_code=allow_code)
+def load_network(network_pkl, device='cpu', allow_code=False):
+    """The network to sample from a snapshot pickle ({'ema': net, ...}) or a bare network pickle, path or URL (http(s)
+    downloads are cached): in eval mode, without gradients, on `device`. A student carries its sampling spec."""
+    net = persistence.load_network_pkl(network_pkl, allow_code=allow_code)
+    return net.eval().requires_grad_(False).to(device)
 
 
 def init_and_load(device, network_pkl, allow_code, what):
@@ -61,10 +63,10 @@ def init_and_load(device, network_pkl, allow_code, what):
         raise click.ClickException(str(e))
     try:
         with dist.rank0_first():
-            net = load_network(network_pkl, allow_code=allow_code)
+            net = load_network(network_pkl, device, allow_code=allow_code)
     except (OSError, ValueError) as e:
         raise click.ClickException(f'Cannot load {what} "{network_pkl}": {e}')
-    return device, net.eval().requires_grad_(False).to(device)
+    return device, net
 
 def inference_precision(net, device, precision):
     """--precision as a backbone precision: 'auto' is EDM's rule (the network's stored use_fp16: fp16 on CUDA)."""
@@ -116,20 +118,25 @@ def save_image_grid(images, path, grid_w, grid_h):
 # Generation core, shared with the training loop.
 
 def check_class(net, class_idx):
-    """A fixed class needs a conditional network and an index below its label_dim."""
+    """A fixed class (or one per seed) needs a conditional network and indices below its label_dim."""
     if class_idx is None:
         return
     if not net.label_dim:
         raise ValueError(f'--class={class_idx} given, but the network is unconditional (label_dim=0); drop --class')
-    if not 0 <= class_idx < net.label_dim:
-        raise ValueError(f'--class={class_idx} is out of range: the network has {net.label_dim} classes '
-                         f'(0..{net.label_dim - 1})')
+    for c in np.atleast_1d(class_idx).tolist():
+        if not 0 <= c < net.label_dim:
+            raise ValueError(f'--class={c} is out of range: the network has {net.label_dim} classes '
+                             f'(0..{net.label_dim - 1})')
 
 
 @torch.no_grad()
-def generate_batch(net, seeds, device, class_idx=None, model_kwargs=None, **sampler_kwargs):
+def generate_batch(net, seeds, device='cpu', class_idx=None, model_kwargs=None, **sampler_kwargs):
     """Seeds -> uint8 NCHW images on the CPU. Per seed: latents, then class label, then sampler noise.
+    class_idx: None (random, drawn from the seed), one class, or a class per seed.
     model_kwargs go to every network call (e.g. guidance=w for a guided-distillation student)."""
+    check_class(net, class_idx)
+    if class_idx is not None and np.ndim(class_idx) and len(class_idx) != len(seeds):
+        raise ValueError(f'{len(class_idx)} classes for {len(seeds)} seeds: give one class, or one per seed')
     rnd = samplers.StackedRandomGenerator(device, seeds)
     latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution])
     class_labels = None
@@ -138,26 +145,27 @@ def generate_batch(net, seeds, device, class_idx=None, model_kwargs=None, **samp
         class_labels = torch.eye(net.label_dim, device=device)[rnd.randint(net.label_dim, size=[len(seeds)])]
         if class_idx is not None:
             class_labels = torch.zeros_like(class_labels)
-            class_labels[:, class_idx] = 1
+            class_labels[torch.arange(len(seeds)), torch.as_tensor(class_idx)] = 1
     x = samplers.sample(net, latents, class_labels, rnd.randn_like, model_kwargs=model_kwargs, **sampler_kwargs)
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
 
 
-def generate_images(net, seeds, outdir, batch=64, device='cpu', subdirs=False, class_idx=None, verbose=False,
+def generate_images(net, seeds, outdir, batch=64, device='cpu', subdirs=False, class_idx=None, progress=None,
                     model_kwargs=None, **sampler_kwargs):
-    """Write {seed:06d}.png for every seed; rank r of W takes batches r, r+W, ...; returns this rank's paths."""
+    """Write {seed:06d}.png for every seed; rank r of W takes batches r, r+W, ...; returns this rank's paths.
+    progress(n) is called after each batch of n images."""
     check_class(net, class_idx)
     samplers.sampler_settings(net, **sampler_kwargs)  # fail on every rank before any work
     batches = [seeds[i : i + batch] for i in range(0, len(seeds), batch)]
     my_batches = batches[dist.get_rank() :: dist.get_world_size()]
     paths = []
-    for k, batch_seeds in enumerate(my_batches):
-        if verbose:
-            dist.print0(f'Batch {k + 1}/{len(my_batches)} (seeds {batch_seeds[0]}..{batch_seeds[-1]})')
+    for batch_seeds in my_batches:
         images = generate_batch(net, batch_seeds, device, class_idx=class_idx, model_kwargs=model_kwargs, **sampler_kwargs)
         for seed, image in zip(batch_seeds, images):
             paths.append(image_path(outdir, seed, subdirs))
             save_image(image.numpy(), paths[-1])
+        if progress is not None:
+            progress(len(batch_seeds))
     return paths
 
 # ----------------------------------------------------------------------------
@@ -189,9 +197,10 @@ def main(network_pkl, outdir, seeds, subdirs, class_idx, batch, device, trust_pi
 
     dist.print0(f'Generating {len(seeds)} images to "{outdir}" with {dist.get_world_size()} process(es), {precision}...')
     try:
-        with networks.backbone_precision(precision):
-                generate_images(net, seeds, outdir, batch=batch, device=device, subdirs=subdirs, class_idx=class_idx,
-                            verbose=True, model_kwargs=dict(guidance=guidance) if guidance is not None else None,
+        with networks.backbone_precision(precision), dnnlib.util.progress_bar(len(seeds), 'Generating') as bar:
+            generate_images(net, seeds, outdir, batch=batch, device=device, subdirs=subdirs, class_idx=class_idx,
+                            progress=dnnlib.util.share_updater(bar, dist.get_world_size()),
+                            model_kwargs=dict(guidance=guidance) if guidance is not None else None,
                             **sampler_kwargs)
     except ValueError as e:
         raise click.ClickException(str(e))

@@ -73,15 +73,16 @@ def main(teacher_pkl, outdir, seeds, shard_size, batch, class_idx, device, trust
     mine = todo[dist.get_rank() :: dist.get_world_size()]
     dist.print0(f'{len(plan) - len(todo)} of {len(plan)} shards complete in "{outdir}"; making {len(todo)} with '
                 f'{dist.get_world_size()} process(es)...')
-    for i, (k, shard_seeds) in enumerate(mine):
-        dist.print0(f'Shard {k} ({i + 1}/{len(mine)} of rank 0): seeds {shard_seeds[0]}..{shard_seeds[-1]}')
-        try:
-            with networks.backbone_precision(precision):
-                pairs.make_shard(net, outdir, k, shard_seeds, config, batch=batch, device=device)
-        except ValueError as e:
-            raise click.ClickException(f'shard {k}: {e}')
-        except OSError as e:  # a full disk, a read-only --outdir, ...: the shards written so far stay complete
-            raise click.ClickException(dnnlib.util.os_error_message(e))
+    with dnnlib.util.progress_bar(sum(len(shard_seeds) for _, shard_seeds in todo), 'Making pairs') as bar:
+        for k, shard_seeds in mine:
+            try:
+                with networks.backbone_precision(precision):
+                    pairs.make_shard(net, outdir, k, shard_seeds, config, batch=batch, device=device,
+                                     progress=dnnlib.util.share_updater(bar, dist.get_world_size()))
+            except ValueError as e:
+                raise click.ClickException(f'shard {k}: {e}')
+            except OSError as e:  # a full disk, a read-only --outdir, ...: the shards written so far stay complete
+                raise click.ClickException(dnnlib.util.os_error_message(e))
     # No final barrier: a rank with one shard fewer would wait a whole shard (ImageNet, 256 steps: ~15 GPU-minutes)
     # in it. Rank 0 watches the others' files instead (torchrun ends the job if another rank fails).
     if dist.get_rank() == 0:

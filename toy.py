@@ -89,13 +89,15 @@ def build(outdir, problem_kwargs, num_images, fit_kimg, fit_kwargs, net_kwargs, 
         log(f'Fitting a {num_params / 1e6:.2f}M-parameter {net_kwargs["model_type"]} to D* for {fit_steps} steps...')
         t0 = time.time()
         net.requires_grad_(True)
-        for step, loss in toy.fit_denoiser(net, gmm, num_steps=fit_steps, seed=seed + 1, **fit_kwargs):
-            if (step + 1) % max(fit_steps // 10, 1) == 0 or step + 1 == fit_steps:
-                log(f'  step {step + 1:6d}/{fit_steps}  loss {loss:.5f}  {dnnlib.util.format_time(time.time() - t0)}')
+        with dnnlib.util.progress_bar(fit_steps, 'Fitting', unit='step') as bar:
+            for _step, loss in toy.fit_denoiser(net, gmm, num_steps=fit_steps, seed=seed + 1, **fit_kwargs):
+                bar.set_postfix(loss=f'{loss:.5f}', refresh=False)
+                bar.update(1)
         net.eval().requires_grad_(False)
         info.update(num_params=num_params, fit_seconds=round(time.time() - t0, 1), fit_rms=fit_error(net, gmm))
         dump_pickle(os.path.join(outdir, 'teacher-unet.pkl'), net, dataset_kwargs)
-        log(f'teacher-unet.pkl written; RMS error vs D* per sigma: {info["fit_rms"]}')
+        log(f'teacher-unet.pkl written after {dnnlib.util.format_time(info["fit_seconds"])} (last loss {loss:.5f}); '
+            f'RMS error vs D* per sigma: {info["fit_rms"]}')
     dnnlib.util.atomic_write(os.path.join(outdir, 'problem.json'), lambda f: f.write(json.dumps(info, indent=2)),
                              mode='w')
     return info

@@ -5,6 +5,7 @@ Options are turned into one config dict `c` (the keywords of training_loop), pri
 as training_options.json in the run directory.
 """
 
+import importlib
 import json
 import math
 import os
@@ -426,9 +427,11 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=se
 @click.option('--ls',            help='Static fp16 loss scale, as EDM  [default: dynamic]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--tf32',          help='Allow TF32 matmuls/convolutions on CUDA', metavar='BOOL', type=bool, default=False)
 # In-training metrics.
-@click.option('--metrics',       help='Metrics at each snapshot, e.g. fid10k,fid50k', metavar='LIST', type=str)
-@click.option('--ref',           help='Reference statistics for --metrics (fid.py ref)', metavar='NPZ|URL', type=str)
-@click.option('--detector',      help='Feature detector for --metrics: inception, pixels or PKL', metavar='NAME|PKL', type=str, default='inception')
+@click.option('--metrics',       help='Metrics at each snapshot: fidNk, isNk (Inception Score), prNk (precision/recall), e.g. fid50k,is50k,pr50k', metavar='LIST', type=str)
+@click.option('--ref',           help='Reference statistics for --metrics=fidNk (fid.py ref)', metavar='NPZ|URL', type=str)
+@click.option('--pr-data',       help='Real images for --metrics=prNk  [default: --data]', metavar='ZIP|DIR', type=str)
+@click.option('--tensorboard',   help='Also write the statistics as TensorBoard event files (needs tensorboard)', is_flag=True)
+@click.option('--detector',      help='Detector for every --metrics: inception, vgg16, pixels or PKL (--trust-pickle)  [default: inception for fid/is, vgg16 for pr]', metavar='NAME|PKL', type=str)
 # Performance and I/O.
 @click.option('--bench',         help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True)
 @click.option('--cache',         help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True)
@@ -510,19 +513,32 @@ def _main(opts):
     c.snapshot_ticks = opts.snap
     c.state_dump_ticks = opts.dump
     c.cudnn_benchmark = opts.bench
+    if opts.tensorboard:
+        try:
+            importlib.import_module('torch.utils.tensorboard')  # needs the tensorboard package
+        except ImportError:
+            raise click.ClickException('--tensorboard needs the tensorboard package: pip install tensorboard') from None
+        c.tensorboard = True
     if opts.metrics:
+        from training.metrics import parse_metric
         c.metrics = [m.strip() for m in opts.metrics.split(',') if m.strip()]
-        bad = [m for m in c.metrics if re.fullmatch(r'fid\d+k', m) is None]
-        if bad:
-            raise click.BadParameter(f'unknown metric "{bad[0]}": use fidNk, e.g. fid10k or fid50k', param_hint='--metrics')
-        if opts.ref is None:
-            raise click.ClickException('--metrics needs --ref=NPZ|URL (reference statistics from fid.py ref)')
-        if not dnnlib.util.is_url(opts.ref) and not os.path.isfile(opts.ref):
+        try:
+            kinds = {parse_metric(m)[0] for m in c.metrics}
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint='--metrics')
+        if 'fid' in kinds and opts.ref is None:
+            raise click.ClickException('--metrics=fidNk needs --ref=NPZ|URL (reference statistics from fid.py ref)')
+        if opts.ref is not None and not dnnlib.util.is_url(opts.ref) and not os.path.isfile(opts.ref):
             raise click.ClickException(f'--ref: no such file "{opts.ref}"')
-        c.metric_kwargs = dnnlib.EasyDict(ref=opts.ref, detector=opts.detector)
+        pr_data = opts.pr_data or opts.data
+        if 'pr' in kinds and pr_data is None:
+            raise click.ClickException('--metrics=prNk compares with real images: pass --pr-data=ZIP|DIR (or --data)')
+        c.metric_kwargs = dnnlib.EasyDict(ref=opts.ref, detector=opts.detector, trust_detector=opts.trust_pickle,
+                                          pr_data=pr_data if 'pr' in kinds else None)
         if not opts.dry_run:
-            with distributed.rank0_first():  # the detector and statistics may be downloads
-                _check_metrics(c.metric_kwargs)
+            shape = (ds.resolution, ds.num_channels) if ds is not None else (teacher.img_resolution, teacher.img_channels)
+            with distributed.rank0_first():  # the detectors and statistics may be downloads
+                _check_metrics(c.metrics, c.metric_kwargs, shape)
 
     # Random seed: drawn on rank 0 and shared, then recorded, so the run can be repeated from its options.
     if opts.seed is None:
@@ -644,17 +660,30 @@ def _check_pairs(method_kwargs, teacher_path, teacher):
         raise click.ClickException(f'--reg-loss={method_kwargs.reg_loss}: {e}')
 
 
-def _check_metrics(metric_kwargs):
-    """--metrics: the reference statistics and the detector load now, not at the first snapshot."""
+def _check_metrics(names, metric_kwargs, shape):
+    """--metrics: the reference statistics, the detectors and the real images load now, not at the first snapshot."""
     from training import metrics
-    try:
-        metrics.load_ref(metric_kwargs.ref)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f'--ref: {e}')
-    try:
-        metrics.load_detector(metric_kwargs.detector)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f'--detector: {e}')
+    from training.dataset import ImageFolderDataset
+    kinds = {metrics.parse_metric(m)[0] for m in names}
+    if 'fid' in kinds:
+        try:
+            metrics.load_ref(metric_kwargs.ref)
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f'--ref: {e}')
+    for name in {metric_kwargs.detector or metrics.default_detector(kind) for kind in kinds}:
+        try:
+            metrics.load_detector(name, trust=metric_kwargs.trust_detector)
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f'--detector: {e}')
+    if 'pr' in kinds:
+        try:
+            real = ImageFolderDataset(metric_kwargs.pr_data)
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f'--pr-data: {e}')
+        if (real.resolution, real.num_channels) != shape or len(real) < 4:
+            raise click.ClickException(f'--pr-data: "{metric_kwargs.pr_data}" holds {len(real)} images of '
+                                       f'{real.resolution}x{real.resolution}x{real.num_channels}; precision/recall '
+                                       f'needs at least 4 real images of the generator\'s {shape[0]}x{shape[0]}x{shape[1]}')
 
 
 # ----------------------------------------------------------------------------

@@ -84,6 +84,28 @@ def format_time(seconds):
     return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
 
 # ----------------------------------------------------------------------------
+# Progress bars for the long command-line jobs: on a person's terminal only, so log files stay clean.
+
+def _on_terminal():
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def progress_bar(total, desc, unit='img', iterable=None):
+    """A tqdm bar (rate, ETA) on stderr of torchrun's rank 0; off on other ranks, when stdout or stderr is not a
+    terminal (redirected to a file, a job log) and with TQDM_DISABLE=1. Use as a context manager: .update(n), or
+    iterate over it to advance through `iterable`."""
+    import tqdm
+    disable = (os.environ.get('RANK', '0') != '0' or not _on_terminal()
+               or os.environ.get('TQDM_DISABLE', '0').lower() not in ('', '0', 'false'))
+    return tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True)
+
+
+def share_updater(bar, world_size):
+    """For a bar over a whole torchrun job that rank 0 advances with its own counts: its share times the world size
+    estimates the whole (capped at the total, which rank 0's larger share would overshoot)."""
+    return lambda n: bar.update(min(n * world_size, bar.total - bar.n))
+
+# ----------------------------------------------------------------------------
 # Objects named by dotted strings, as in EDM's configs.
 
 def get_obj_by_name(name):

@@ -217,7 +217,7 @@ def test_in_training_fid_equals_fid_of_generated_images(teacher_pkl, tmp_path):
     generate.generate_images(G, list(range(1000)), str(tmp_path / 'images'), batch=250, device='cpu')
     mu, sigma = metrics.compute_feature_stats(ImageFolderDataset(str(tmp_path / 'images')), metrics.pixels_detector)
     expected = metrics.frechet_distance(mu, sigma, mu_ref, a @ a.T)
-    assert lines[0]['value'] == pytest.approx(expected, rel=1e-4)
+    assert lines[0]['results'] == dict(fid1k=pytest.approx(expected, rel=1e-4))
 
 
 # ----------------------------------------------------------------------------

@@ -248,11 +248,16 @@ def test_pickled_detector(tmp_path, fake_detector_pkl):
     assert float(result.output.splitlines()[-1]) == pytest.approx(expected, rel=1e-5, abs=1e-9)
 
 
-def test_inception_offline_and_cached(tmp_path, monkeypatch, fake_detector_pkl):
-    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+def go_offline(monkeypatch, cache_dir):
+    """An empty download cache and no network."""
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(cache_dir))
     def offline(*args, **kwargs):
         raise requests.ConnectionError('network is unreachable')
     monkeypatch.setattr(requests.Session, 'get', offline)
+
+
+def test_inception_offline_and_cached(tmp_path, monkeypatch, fake_detector_pkl):
+    go_offline(monkeypatch, tmp_path / 'cache')
     cache_path = dnnlib.util.url_cache_path(metrics.INCEPTION_URL)
     with pytest.raises(OSError) as e:
         metrics.load_detector('inception')

@@ -51,8 +51,8 @@ def fake_dataset(tmp_path, path):
 
 
 def stand_in_file(tmp_path, arg):
-    """A dry run only checks that local network files exist: make an empty one for paths the reader fills in."""
-    m = re.fullmatch(r'--(teacher|guide|transfer)=(?!https?://)(.+)', arg)
+    """A dry run only checks that local network (and --ref) files exist: make an empty one for paths the reader fills in."""
+    m = re.fullmatch(r'--(teacher|guide|transfer|ref)=(?!https?://)(.+)', arg)
     if m is None or m.group(2) == 'null':
         return arg
     path = tmp_path / os.path.basename(m.group(2))

@@ -37,9 +37,8 @@ def report0(name, value):
     return value
 
 
-def collect(device=None, prefix='', reset=True):
-    """{name: {'num', 'mean', 'std'[, 'nonfinite']}} over all ranks since the last reset, for the names that start
-    with `prefix` (a string or a tuple of them); reset=False only looks (e.g. at the losses before a snapshot)."""
+def _reduced(device, prefix=''):
+    """(sorted names, float64 [names, 4] moments summed over ranks) of the names under `prefix`; all ranks call."""
     device = device or distributed.device()
     names = {n for n in _moments if n.startswith(prefix)}
     if distributed.is_distributed():
@@ -48,15 +47,21 @@ def collect(device=None, prefix='', reset=True):
         names = set().union(*map(set, gathered))
     names = sorted(names)
     if not names:
-        return {}
+        return names, None
     zeros = torch.zeros(4, dtype=torch.float64, device=device)
     stacked = torch.stack([_moments[n].to(device) if n in _moments else zeros for n in names])
-    distributed.all_reduce_sum(stacked)
+    return names, distributed.all_reduce_sum(stacked).cpu().tolist()
+
+
+def collect(device=None, prefix='', reset=True):
+    """{name: {'num', 'mean', 'std'[, 'nonfinite']}} over all ranks since the last reset, for the names that start
+    with `prefix` (a string or a tuple of them); reset=False only looks (e.g. at the losses before a snapshot)."""
+    names, moments = _reduced(device, prefix)
     if reset:
         for n in names:
             _moments.pop(n, None)
     result = {}
-    for name, (num, s, sq, nonfinite) in zip(names, stacked.cpu().tolist()):
+    for name, (num, s, sq, nonfinite) in zip(names, moments or []):
         if num + nonfinite == 0:
             continue
         mean = s / num if num else None  # None (JSON null): every value was non-finite

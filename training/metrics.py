@@ -1,11 +1,17 @@
-"""Frechet distance with EDM's protocol: feature detectors, float64 feature statistics summed across ranks.
+"""Image metrics with the NVIDIA protocols (EDM, StyleGAN2-ADA/StyleGAN3): feature detectors, features gathered
+across ranks, and the three scores computed from them.
 
-FID = |mu - mu_ref|^2 + Tr(S + S_ref - 2 sqrtm(S S_ref)) over Inception-v3 features (EDM's pickle), or over raw
-pixels in [-1,1] (the `pixels` detector) for the toy problems, where the data distribution is known exactly.
+- FID = |mu - mu_ref|^2 + Tr(S + S_ref - 2 sqrtm(S S_ref)) over Inception-v3 features (EDM's pickle), or over raw
+  pixels in [-1,1] (the `pixels` detector) for the toy problems, where the data distribution is known exactly.
+- Inception Score (Salimans et al. 2016) = exp(E_x KL(p(y|x) || p(y))) over the Inception network's class
+  probabilities, averaged over 10 consecutive splits as StyleGAN3 does.
+- Precision and recall (Kynkaanniemi et al. 2019): the share of generated images inside the real images' k-NN
+  manifold (k = 3) and the reverse, over VGG16 features (StyleGAN3's pickle).
 """
 
 import functools
 import io
+import re
 import zipfile
 
 import numpy as np
@@ -18,6 +24,9 @@ from torch_utils import persistence
 
 # The feature network of every NVIDIA FID script (StyleGAN2-ADA, StyleGAN3, EDM), used as-is so scores compare.
 INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
+# StyleGAN2-ADA/StyleGAN3's VGG16 for precision and recall (the fc features of Kynkaanniemi et al.'s network).
+VGG16_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/vgg16.pkl'
+OFFICIAL_DETECTORS = dict(inception=INCEPTION_URL, vgg16=VGG16_URL)
 
 # ----------------------------------------------------------------------------
 # Detectors: called as detector(uint8 NCHW, return_features=True) -> [N, D] float features.
@@ -30,24 +39,27 @@ def pixels_detector(images, return_features=True):
 
 
 def load_detector(name_or_url='inception', device=torch.device('cpu'), trust=False):
-    """'inception' (EDM's Inception-v3 pickle), 'pixels', or the PATH|URL of a pickled detector (needs trust=True).
+    """'inception' (EDM's Inception-v3 pickle), 'vgg16' (StyleGAN3's), 'pixels', or the PATH|URL of a pickled
+    detector (needs trust=True).
 
-    Unpickling a callable runs code from the file. The official Inception URL is trusted without asking: it is the
-    file NVIDIA's own FID scripts unpickle, served over HTTPS by NVIDIA's NGC registry, i.e. the same publisher whose
-    EDM code and references define the metric. Any other file must be trusted explicitly.
+    Unpickling a callable runs code from the file. The official URLs are trusted without asking: they are the files
+    NVIDIA's own metric scripts unpickle, served over HTTPS by NVIDIA's NGC registry, i.e. the same publisher whose
+    EDM code and references define the metrics. Any other file must be trusted explicitly.
     """
     if name_or_url == 'pixels':
         return pixels_detector
-    url = INCEPTION_URL if name_or_url == 'inception' else name_or_url
-    if url != INCEPTION_URL and not trust:
-        raise ValueError(f'Refusing to unpickle detector "{url}": loading it runs code from the file; '
-                         f'pass --trust-detector (trust=True) only for a file you trust')
+    url = OFFICIAL_DETECTORS.get(name_or_url, name_or_url)
+    official = url in OFFICIAL_DETECTORS.values()
+    if not official and not trust:
+        raise ValueError(f'Refusing to unpickle detector "{url}": loading it runs code from the file; pass '
+                         f'--trust-detector (fid.py) or --trust-pickle (train.py) only for a file you trust')
     try:
         f = dnnlib.util.open_url(url)
     except OSError as e:
-        if url != INCEPTION_URL:
+        if not official:
             raise
-        raise OSError(f'Cannot download the Inception detector: fetch {INCEPTION_URL} elsewhere and place it at '
+        name = 'Inception' if url == INCEPTION_URL else 'VGG16'
+        raise OSError(f'Cannot download the {name} detector: fetch {url} elsewhere and place it at '
                       f'"{dnnlib.util.url_cache_path(url)}", or pass --detector=PATH --trust-detector') from e
     with f:
         detector = persistence.load(f, allow_code=True)
@@ -60,11 +72,18 @@ def load_detector(name_or_url='inception', device=torch.device('cpu'), trust=Fal
 # ----------------------------------------------------------------------------
 # Feature statistics: sums in float64 on each rank, one all-reduce, then mean and unbiased covariance.
 
-def detector_features(detector, images, device):
-    """One batch of uint8 NCHW images -> float64 features; Inception wants 3 channels, pixels keep theirs."""
+def detector_features(detector, images, device, probabilities=False):
+    """One batch of uint8 NCHW images -> float64 features, or with probabilities=True the class probabilities of an
+    Inception-like detector (its call with no_output_bias=True, as StyleGAN3's Inception Score). Inception wants 3
+    channels; pixels keep theirs."""
     images = images.to(device)
     if images.shape[1] == 1 and detector is not pixels_detector:
         images = images.repeat([1, 3, 1, 1])
+    if probabilities:
+        if detector is pixels_detector:
+            raise ValueError('The pixels detector has no class probabilities: the Inception Score needs --detector='
+                             'inception or a classifier pickle')
+        return detector(images, no_output_bias=True).to(torch.float64)
     return detector(images, return_features=True).to(torch.float64)
 
 
@@ -125,6 +144,24 @@ def _dataset_batches(dataset, indices, shape, batch, num_workers):
         yield images
 
 
+def _rank_batches(source, num, seed, batch, num_workers):
+    """This rank's uint8 NCHW batches of a Dataset (EDM's subset rule, below) or of an iterable of them (as is)."""
+    if not isinstance(source, torch.utils.data.Dataset):
+        return source
+    num = len(source) if num is None else num
+    if len(source) < num:
+        raise ValueError(f'Found {len(source)} images but {num} were requested: generate more or lower --num-images')
+    # EDM's subset rule (its dataset's max_size): shuffle by seed, keep the first num, restore file order.
+    # It depends only on (len, num, seed), never on the world size.
+    indices = np.arange(len(source))
+    if len(source) > num:
+        np.random.RandomState(seed % (1 << 31)).shuffle(indices)
+        indices = np.sort(indices[:num])
+    shape = np.asarray(source[int(indices[0])][0]).shape  # every rank checks against the same image
+    share = indices[dist.get_rank() :: dist.get_world_size()]
+    return _dataset_batches(source, share, shape, batch, num_workers)
+
+
 def compute_feature_stats(source, detector, num=None, seed=0, batch=64, device=torch.device('cpu'),
                           num_workers=0, progress=None):
     """(mu, sigma) of detector features over `num` images of `source`, summed across all torchrun ranks.
@@ -133,23 +170,34 @@ def compute_feature_stats(source, detector, num=None, seed=0, batch=64, device=t
     For a dataset, EDM's protocol: a random subset of `num` images chosen by `seed` when it holds more (all of
     them when num is None), each rank taking a disjoint strided share. `progress(n)` is called after each batch.
     """
-    if isinstance(source, torch.utils.data.Dataset):
-        num = len(source) if num is None else num
-        if len(source) < num:
-            raise ValueError(f'Found {len(source)} images but {num} were requested: '
-                             f'generate more or lower --num-images')
-        # EDM's subset rule (its dataset's max_size): shuffle by seed, keep the first num, restore file order.
-        # It depends only on (len, num, seed), never on the world size.
-        indices = np.arange(len(source))
-        if len(source) > num:
-            np.random.RandomState(seed % (1 << 31)).shuffle(indices)
-            indices = np.sort(indices[:num])
-        shape = np.asarray(source[int(indices[0])][0]).shape  # every rank checks against the same image
-        share = indices[dist.get_rank() :: dist.get_world_size()]
-        source = _dataset_batches(source, share, shape, batch, num_workers)
+    source = _rank_batches(source, num, seed, batch, num_workers)
     with torch.no_grad():
         n, s1, s2 = _accumulate(source, detector, device, progress)
     return _reduce_stats(n, s1, s2, device)
+
+
+def compute_features(source, detector, num=None, seed=0, batch=64, device=torch.device('cpu'), num_workers=0,
+                     progress=None, probabilities=False):
+    """All features [N, D] (float64, on `device`, the same on every rank) of the images compute_feature_stats
+    would use, in their global order: rank r of W holds images r, r+W, ... of it (a Dataset's share, or the
+    strided seeds of sampler_batches). Memory: N x D x 8 bytes, 1.6 GB for 50k VGG16 features."""
+    rows = []
+    with torch.no_grad():
+        for images in _rank_batches(source, num, seed, batch, num_workers):
+            rows.append(detector_features(detector, images, device, probabilities))
+            if progress is not None:
+                progress(rows[-1].shape[0])
+    mine = torch.cat(rows) if rows else None
+    # Ranks agree on the count and the feature size (a rank may have no images), then sum zero-filled copies.
+    meta = dist.all_reduce_sum(torch.tensor([0 if mine is None else mine.shape[0], 0 if mine is None else
+                                             mine.shape[1], int(mine is not None)], dtype=torch.float64, device=device))
+    total, dims, ranks_with_data = (int(v) for v in meta.tolist())
+    if total < 1:
+        raise ValueError('No images to compute features of')
+    full = torch.zeros([total, dims // ranks_with_data], dtype=torch.float64, device=device)
+    if mine is not None:
+        full[dist.get_rank() :: dist.get_world_size()] = mine
+    return dist.all_reduce_sum(full)
 
 # ----------------------------------------------------------------------------
 # Frechet distance between two Gaussians.
@@ -197,14 +245,92 @@ def load_ref(path_or_url):
     return mu.astype(np.float64), sigma.astype(np.float64)
 
 # ----------------------------------------------------------------------------
-# In-training FID: generate, featurise and compare without writing images.
+# Inception Score and precision/recall from features.
+
+def inception_score(probs, splits=10):
+    """(mean, std) over `splits` consecutive parts of exp(E_x KL(p(y|x) || p(y))), p(y) the part's mean; 0 log 0 = 0.
+
+    StyleGAN3's protocol: part i holds rows [i N / splits, (i + 1) N / splits) of the probabilities [N, classes]."""
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    n = probs.shape[0]
+    if n < splits:
+        raise ValueError(f'{n} images cannot be split {splits} ways for the Inception Score: use at least {splits}')
+    scores = []
+    for i in range(splits):
+        p = probs[i * n // splits : (i + 1) * n // splits]
+        kl = torch.special.xlogy(p, p) - torch.special.xlogy(p, p.mean(0, keepdim=True))
+        scores.append(float(kl.sum(1).mean().exp()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _squared_distances(a, b):
+    """|a_i - b_j|^2 [len(a), len(b)] through one matrix product (GEMM speed), clamped at 0 against rounding."""
+    return (a.square().sum(1)[:, None] + b.square().sum(1)[None] - 2 * a @ b.T).clamp_(min=0)
+
+
+def _row_chunks(x, cols, max_elems=1 << 26):
+    """Row batches of x whose distance matrices to `cols` columns stay under max_elems entries (512 MB)."""
+    return x.split(max(max_elems // max(cols, 1), 1))
+
+
+def manifold_coverage(manifold, probes, k=3):
+    """Share of probes inside the k-NN manifold of `manifold`: within the distance of some point of it to that
+    point's k-th nearest neighbour (itself excluded: the (k+1)-th smallest distance, the first being its own 0)."""
+    if manifold.shape[0] <= k:
+        raise ValueError(f'{manifold.shape[0]} images have no {k}-th nearest neighbours: use more than {k}')
+    radii = torch.cat([_squared_distances(m, manifold).kthvalue(k + 1, dim=1).values
+                       for m in _row_chunks(manifold, manifold.shape[0])])
+    inside = torch.cat([(_squared_distances(p, manifold) <= radii[None]).any(dim=1)
+                        for p in _row_chunks(probes, manifold.shape[0])])
+    return float(inside.to(torch.float64).mean())
+
+
+def precision_recall(real, fake, k=3):
+    """Kynkaanniemi et al. 2019: precision = share of fake features in the real manifold, recall = the reverse."""
+    return manifold_coverage(real, fake, k), manifold_coverage(fake, real, k)
+
+# ----------------------------------------------------------------------------
+# In-training metrics: generate, featurise and score without writing images.
+
+def parse_metric(name):
+    """'fid50k' -> ('fid', 50000); also isNk and prNk. ValueError naming the accepted forms otherwise."""
+    m = re.fullmatch(r'(fid|is|pr)(\d+)k', name)
+    if m is None or int(m.group(2)) == 0:
+        raise ValueError(f'unknown metric "{name}": use fidNk, isNk or prNk, e.g. fid50k,is50k,pr50k')
+    return m.group(1), int(m.group(2)) * 1000
+
+
+def default_detector(kind):
+    """The detector a metric kind uses unless told otherwise: Inception for FID and IS, VGG16 for precision/recall."""
+    return 'vgg16' if kind == 'pr' else 'inception'
+
+
+def sampler_batches(sample_fn, num, batch=64, seed=0):
+    """This rank's batches of sample_fn(seeds) -> uint8 NCHW for seeds seed..seed+num-1, strided across ranks."""
+    seeds = list(range(seed, seed + num))[dist.get_rank() :: dist.get_world_size()]
+    return (sample_fn(seeds[i : i + batch]) for i in range(0, len(seeds), batch))
+
 
 def fid_of_sampler(sample_fn, num, ref, detector, batch=64, device=torch.device('cpu'), seed=0):
     """FD of `num` images from sample_fn(seeds: list[int]) -> uint8 NCHW against ref = (mu_ref, sigma_ref).
 
     Seeds seed..seed+num-1 are strided across ranks; every rank returns the same value.
     """
-    seeds = list(range(seed, seed + num))[dist.get_rank() :: dist.get_world_size()]
-    batches = (sample_fn(seeds[i : i + batch]) for i in range(0, len(seeds), batch))
-    mu, sigma = compute_feature_stats(batches, detector, device=device)
+    mu, sigma = compute_feature_stats(sampler_batches(sample_fn, num, batch, seed), detector, device=device)
     return frechet_distance(mu, sigma, *ref)
+
+
+def sampler_metric(name, sample_fn, detector, ref=None, real=None, batch=64, device=torch.device('cpu')):
+    """{result name: value} of metric `name` for seeds 0..N-1 of sample_fn; the same on every rank.
+
+    fidNk needs ref = (mu, sigma); prNk needs real = the real images' features [M, D] (compute_features)."""
+    kind, num = parse_metric(name)
+    batches = sampler_batches(sample_fn, num, batch)
+    if kind == 'fid':
+        mu, sigma = compute_feature_stats(batches, detector, device=device)
+        return {name: frechet_distance(mu, sigma, *ref)}
+    if kind == 'is':
+        mean, std = inception_score(compute_features(batches, detector, device=device, probabilities=True))
+        return {name: mean, f'{name}_std': std}
+    precision, recall = precision_recall(real, compute_features(batches, detector, device=device))
+    return {f'{name}_precision': precision, f'{name}_recall': recall}

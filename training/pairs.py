@@ -201,8 +201,8 @@ def write_shard(outdir, k, seeds, y, classes, first_latents_sha256, config):
     dnnlib.util.atomic_write(json_path, lambda f: f.write(text.encode('utf-8')))
 
 
-def make_shard(net, outdir, k, seeds, config, batch=64, device='cpu'):
-    """Sample shard k in batches of `batch` seeds and write it."""
+def make_shard(net, outdir, k, seeds, config, batch=64, device='cpu', progress=None):
+    """Sample shard k in batches of `batch` seeds and write it; progress(n) is called after each batch."""
     ys, classes, first_sha = [], [], None
     for i in range(0, len(seeds), batch):
         z, c, y = sample_pairs(net, seeds[i : i + batch], device, config['sampler'], config['class'])
@@ -210,6 +210,8 @@ def make_shard(net, outdir, k, seeds, config, batch=64, device='cpu'):
             first_sha = latents_sha256(z[0])
         ys.append(to_float16(y))
         classes += [] if c is None else c.tolist()
+        if progress is not None:
+            progress(y.shape[0])
     write_shard(outdir, k, seeds, np.concatenate(ys), classes if net.label_dim else None, first_sha, config)
 
 # ----------------------------------------------------------------------------

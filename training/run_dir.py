@@ -27,7 +27,8 @@ RESUMABLE = (
     'data_loader_kwargs',   # --workers, pin_memory
     'cudnn_benchmark',      # --bench
     'metrics',              # --metrics
-    'metric_kwargs',        # --ref, --detector
+    'metric_kwargs',        # --ref, --detector, --pr-data
+    'tensorboard',          # --tensorboard
     'trust_pickle',         # --trust-pickle: permission, not configuration
     'tf32',                 # --tf32: how float32 matmuls run (precision, which the states depend on, must match)
     'method_kwargs.lr',     # --lr: lowering it after a divergence, or for a final phase (DMD2's 5e-7 resume)

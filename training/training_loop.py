@@ -129,15 +129,21 @@ def _whole_line(line):
     return line + '\n'
 
 
+def _line_kimg(line):
+    """The kimg of a stats.jsonl or metric-*.jsonl line."""
+    return line['kimg'] if 'kimg' in line else line.get('Progress/kimg', {}).get('mean', 0)
+
+
 def _truncate_stats(path, max_nimg):
-    """On resume, drop stats lines logged after the state was written, so stats.jsonl stays one consistent run."""
+    """On resume, drop stats (or metric) lines logged after the state was written, so the file stays one
+    consistent run."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
         lines = [l for l in f if l.strip()]
     if lines and not lines[-1].endswith('\n'):  # a kill while writing the last line: keep it only if it is whole
         lines[-1] = _whole_line(lines[-1])
-    keep = [l for l in lines if l and json.loads(l).get('Progress/kimg', {}).get('mean', 0) * 1000 <= max_nimg + 1e-6]
+    keep = [l for l in lines if l and _line_kimg(json.loads(l)) * 1000 <= max_nimg + 1e-6]
     dnnlib.util.atomic_write(path, lambda f: f.write(''.join(keep)), mode='w')
 
 # ----------------------------------------------------------------------------
@@ -174,6 +180,7 @@ def _training_loop(
     preview_grid        = 64,       # images in the preview grid written with each snapshot, 0 = off
     metrics             = [],       # in-training metrics computed at each snapshot
     metric_kwargs       = {},       # keywords of the metric functions (ref, detector, ...)
+    tensorboard         = False,    # also write the statistics as TensorBoard event files (rank 0)
     cudnn_benchmark     = True,
     device              = torch.device('cpu'),
 ):
@@ -232,7 +239,8 @@ def _training_loop(
                                f'{world_size}: RNG streams restart, so the run is not bitwise reproducible')
             torch.manual_seed(seed * world_size + rank + step)
         if rank == 0:
-            _truncate_stats(os.path.join(run_dir, 'stats.jsonl'), cur_nimg)
+            for name in ['stats.jsonl'] + [n for n in os.listdir(run_dir) if re.fullmatch(r'metric-.+\.jsonl', n)]:
+                _truncate_stats(os.path.join(run_dir, name), cur_nimg)
         del state
     else:
         torch.manual_seed(seed * world_size + rank)  # per-rank stream for whatever is not keyed by sample
@@ -270,6 +278,8 @@ def _training_loop(
     tick_start_time = time.time()
     maintenance_time = tick_start_time - start_time
     stats_jsonl = None
+    # On resume, TensorBoard hides the events a killed run logged after its state (as stats.jsonl drops them).
+    stats_tfevents = _tensorboard_writer(run_dir, cur_nimg + 1 if resume_state else None) if tensorboard and rank == 0 else None
     try:
         while True:
             done = cur_nimg >= total_kimg * 1000
@@ -319,6 +329,7 @@ def _training_loop(
                 fields.append(f'gpumem {torch.cuda.max_memory_allocated(device) / 2**30:<6.2f}')
                 training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2**30)
                 torch.cuda.reset_peak_memory_stats()
+            fields += _tick_fields(health, cur_nimg, total_kimg, (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1000)
             distributed.print0(' '.join(fields + _health_fields(health)))
 
             is_snapshot = snapshot_ticks is not None and (done or wanted or cur_tick % snapshot_ticks == 0)
@@ -336,6 +347,8 @@ def _training_loop(
                     stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
                 stats_jsonl.write(json.dumps(dict(stats, timestamp=time.time())) + '\n')
                 stats_jsonl.flush()
+                if stats_tfevents is not None:
+                    _write_tensorboard(stats_tfevents, stats, cur_nimg)
 
             cur_tick += 1
             tick_start_nimg = cur_nimg
@@ -352,10 +365,35 @@ def _training_loop(
             signal.signal(s, h)
         if stats_jsonl is not None:
             stats_jsonl.close()
+        if stats_tfevents is not None:
+            stats_tfevents.close()
     distributed.print0('\nExiting...')
     return True
 
 # ----------------------------------------------------------------------------
+
+def _tick_fields(health, cur_nimg, total_kimg, sec_per_kimg):
+    """The tick line's tail: the method's losses (Loss/* means over all ranks since the last tick, from the tick's
+    health statistics) and the time to --duration at this tick's speed (snapshots, metrics and state dumps to come
+    not included)."""
+    losses = {name: s['mean'] for name, s in health.items() if name.startswith('Loss/')}
+    fields = [f'{name[5:]} {value:<9.4g}' if value is not None else f'{name[5:]} {"nan":<9s}' for name, value in losses.items()]
+    eta = max(total_kimg * 1000 - cur_nimg, 0) / 1000 * sec_per_kimg
+    return fields + [f'eta {dnnlib.util.format_time(eta)}']
+
+
+def _tensorboard_writer(run_dir, purge_step):
+    from torch.utils.tensorboard import SummaryWriter  # optional: train.py checks it before starting
+    return SummaryWriter(run_dir, purge_step=purge_step)
+
+
+def _write_tensorboard(writer, stats, cur_nimg):
+    """One tick's statistics (their means; all-non-finite ones skipped) at step = images seen, as stats.jsonl."""
+    for name, value in stats.items():
+        if value['mean'] is not None:
+            writer.add_scalar(name, value['mean'], global_step=cur_nimg)
+    writer.flush()
+
 
 def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, preview_grid, rank):
     """Rank 0 samples the grid, then writes the snapshot and the preview PNG, unless a sample is not finite:
@@ -434,14 +472,17 @@ def _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, devi
 
 
 def _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device):
-    """FID-style metrics of the current generator (e.g. 'fid10k': 10,000 images, seeds 0-9999, no files written)."""
+    """Metrics of the current generator ('fid10k': FID of 10,000 images, seeds 0-9999; is50k, pr50k), no files
+    written. Detectors, reference statistics and real features are loaded once per process."""
     if not metrics:
         return
     from training import metrics as metric_lib
+    from training.dataset import ImageFolderDataset
     from training.samplers import StackedRandomGenerator
     ref_net = next(iter(method.networks().values()))
     shape = [ref_net.img_channels, ref_net.img_resolution, ref_net.img_resolution]
     label_dim = ref_net.label_dim
+    batch = metric_kwargs.get('batch', 64)
 
     def sample_fn(seeds):  # per-seed latents, then labels, exactly as generate.py draws them
         rnd = StackedRandomGenerator(device, seeds)
@@ -449,20 +490,34 @@ def _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device):
         c = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(seeds)])] if label_dim else None
         return (method.sample(z, c) * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
-    if 'detector' not in _metric_cache:
-        with distributed.rank0_first():  # a URL is downloaded into the cache once
-            _metric_cache['detector'] = metric_lib.load_detector(metric_kwargs.get('detector', 'inception'), device=device,
-                                                                  trust=metric_kwargs.get('trust_detector', False))
-            _metric_cache['ref'] = metric_lib.load_ref(metric_kwargs['ref'])
+    def downloaded(key, load):  # loaded once per process; a URL is downloaded into the cache once
+        if key not in _metric_cache:
+            with distributed.rank0_first():
+                _metric_cache[key] = load()
+        return _metric_cache[key]
+
     for metric in metrics:
-        num = int(re.fullmatch(r'fid(\d+)k', metric).group(1)) * 1000
-        result = metric_lib.fid_of_sampler(sample_fn, num, _metric_cache['ref'], _metric_cache['detector'],
-                                           batch=metric_kwargs.get('batch', 64), device=device)
-        training_stats.report0(f'Metrics/{metric}', result)
-        distributed.print0(f'{metric} at {cur_nimg / 1000:.1f} kimg: {result:g}')
+        kind, num = metric_lib.parse_metric(metric)
+        name = metric_kwargs.get('detector') or metric_lib.default_detector(kind)
+        trust = metric_kwargs.get('trust_detector', False)
+        detector = downloaded(('detector', name, trust), lambda: metric_lib.load_detector(name, device=device, trust=trust))
+        ref = real = None
+        if kind == 'fid':
+            ref = downloaded(('ref', metric_kwargs['ref']), lambda: metric_lib.load_ref(metric_kwargs['ref']))
+        if kind == 'pr':  # as many real images as generated ones (all of them when there are fewer)
+            key = ('real', metric_kwargs['pr_data'], name, trust, num)
+            if key not in _metric_cache:  # a collective: every rank featurises its share
+                data = ImageFolderDataset(metric_kwargs['pr_data'])
+                _metric_cache[key] = metric_lib.compute_features(data, detector, num=min(len(data), num), batch=batch,
+                                                                 device=device)
+            real = _metric_cache[key]
+        results = metric_lib.sampler_metric(metric, sample_fn, detector, ref=ref, real=real, batch=batch, device=device)
+        for key, value in results.items():
+            training_stats.report0(f'Metrics/{key}', value)
+        distributed.print0(f'{metric} at {cur_nimg / 1000:.1f} kimg: {", ".join(f"{k} {v:g}" for k, v in results.items())}')
         if distributed.get_rank() == 0:
             with open(os.path.join(run_dir, f'metric-{metric}.jsonl'), 'at') as f:
-                f.write(json.dumps(dict(kimg=cur_nimg / 1000, value=result, timestamp=time.time())) + '\n')
+                f.write(json.dumps(dict(kimg=cur_nimg / 1000, results=results, timestamp=time.time())) + '\n')
 
 
-_metric_cache = {}  # detector and reference statistics, loaded once per process
+_metric_cache = {}  # detectors, reference statistics and real features, loaded once per process
