@@ -18,8 +18,11 @@ against a raw forward pass of the same network.
 The networks are randomly initialised (no weights can be downloaded); speed and memory do not depend on the values.
 """
 
+import contextlib
 import copy
+import io
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -77,8 +80,9 @@ def write_inputs(workdir, name, config, device, num_images=64):
     res, labels = config['img_resolution'], config['label_dim']
     save_dataset(paths['data'], [rng.integers(0, 256, [res, res, 3], dtype=np.uint8) for _ in range(num_images)],
                  [i % labels for i in range(num_images)])
-    run([sys.executable, 'make_pairs.py', f'--teacher={paths["teacher"]}', '--seeds=0-15', '--shard-size=16', '--steps=2',
-         f'--outdir={paths["pairs"]}', f'--device={device.type}'])
+    import make_pairs  # its command line, in this process
+    make_pairs.main([f'--teacher={paths["teacher"]}', '--seeds=0-15', '--shard-size=16', '--steps=2',
+                     f'--outdir={paths["pairs"]}', f'--device={device.type}'], standalone_mode=False)
     return paths
 
 
@@ -230,6 +234,23 @@ def check_cell(method_name, config_name, precision, ctx, reference):
     return row
 
 
+def check_config(config_name, methods, ctx):
+    """Part 1's rows of one configuration (fp32 first: the other precisions' gradients are compared with it)."""
+    rows, reference = [], {}
+    for method in methods:
+        for precision in PRECISIONS:
+            try:
+                rows.append(check_cell(method, config_name, precision, ctx, reference))
+            except Exception as e:  # one failing cell must not hide the others: it becomes a FAIL row
+                rows.append(fail_row(e, part='1', method=method, config=config_name, precision=precision))
+                reference.setdefault((method, config_name), None)
+    return rows
+
+
+def fail_row(e, **row):
+    return dict(row, result=f'FAIL ({type(e).__name__}: {str(e).splitlines()[0][:80]})')
+
+
 class SyncCounter:
     """Host-device synchronisations inside the block. CUDA: its sync debug mode warns on each. CPU, where nothing
     waits: the calls that would wait on CUDA (a value read on the host, a data-dependent shape), counted by name."""
@@ -322,17 +343,21 @@ def check_cli(ctx, nproc):
 
 
 def check_generate_fid(ctx, run_dir):
-    """generate.py (torchrun) on the last snapshot, fid.py ref and calc with the pixel detector."""
+    """generate.py (torchrun) on the last snapshot, fid.py ref and calc (their command lines in this process) with
+    the pixel detector."""
+    import fid
     device = ctx['device']
     snap = max(n for n in os.listdir(run_dir) if n.startswith('network-snapshot'))
     images = os.path.join(ctx['workdir'], 'images')
     run(torchrun(1, 'generate.py', f'--network={os.path.join(run_dir, snap)}', f'--outdir={images}', '--seeds=0-63',
                  f'--device={device.type}'))
     ref = os.path.join(ctx['workdir'], 'ref.npz')
-    run(torchrun(1, 'fid.py', 'ref', f'--data={ctx["inputs"]["cifar10"]["data"]}', f'--dest={ref}', '--detector=pixels'))
-    out = run(torchrun(1, 'fid.py', 'calc', f'--images={images}', f'--ref={ref}', '--num-images=64', '--detector=pixels')).stdout
-    fid = re.findall(r'([0-9.]+(?:e[+-]?\d+)?)\s*$', out.strip())
-    ok = len([n for n in os.listdir(images) if n.endswith('.png')]) == 64 and fid and np.isfinite(float(fid[-1]))
+    fid.main(['ref', f'--data={ctx["inputs"]["cifar10"]["data"]}', f'--dest={ref}', '--detector=pixels'], standalone_mode=False)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        fid.main(['calc', f'--images={images}', f'--ref={ref}', '--num-images=64', '--detector=pixels'], standalone_mode=False)
+    value = re.findall(r'([0-9.]+(?:e[+-]?\d+)?)\s*$', out.getvalue().strip())
+    ok = len([n for n in os.listdir(images) if n.endswith('.png')]) == 64 and value and np.isfinite(float(value[-1]))
     return dict(part='2', method='generate.py + fid.py', config='cifar10', precision='auto', result='pass' if ok else 'FAIL')
 
 # ----------------------------------------------------------------------------
@@ -424,24 +449,20 @@ def main(device, tiny, batch, steps, methods, workdir, json_path):
     ctx = dict(device=device, batch=batch, steps=steps, workdir=workdir, configs=configs, lpips=write_lpips_weights(workdir),
                lpips_resolution=32 if tiny else 224,
                inputs={name: write_inputs(workdir, name, config, device) for name, config in configs.items()})
-    rows, reference = [], {}
-    for config_name in configs:
-        for method in methods:
-            for precision in PRECISIONS:
-                try:
-                    rows.append(check_cell(method, config_name, precision, ctx, reference))
-                except Exception as e:  # one failing cell must not hide the others: it becomes a FAIL row
-                    rows.append(dict(part='1', method=method, config=config_name, precision=precision,
-                                     result=f'FAIL ({type(e).__name__}: {str(e).splitlines()[0][:80]})'))
-                    reference.setdefault((method, config_name), None)
+    if device.type == 'cpu':  # the CPU rehearsal: one process (one thread) per configuration
+        with multiprocessing.get_context('fork').Pool(len(configs)) as pool:
+            parts = pool.starmap(check_config, [(name, methods, ctx) for name in configs])
+    else:
+        parts = [check_config(name, methods, ctx) for name in configs]
+    rows = [row for part in parts for row in part]
+    t1 = time.perf_counter()
     states = {}
     for nproc in [1, 2] if device.type == 'cpu' or torch.cuda.device_count() >= 2 else [1]:
         try:
             row, run_dir, states[nproc] = check_cli(ctx, nproc)
             rows.append(row)
         except Exception as e:
-            rows.append(dict(part='2', method=f'train.py dmd x{nproc}', config='cifar10', precision='default',
-                             result=f'FAIL ({type(e).__name__}: {str(e).splitlines()[0][:80]})'))
+            rows.append(fail_row(e, part='2', method=f'train.py dmd x{nproc}', config='cifar10', precision='default'))
     if len(states) == 2:  # world-size invariance: the same weights from 1 and 2 processes
         a, b = (torch.cat([v.double().flatten() for v in s['method']['G'].values()]) for s in (states[1], states[2]))
         diff = ((a - b).norm() / a.norm()).item()  # all of G: a single small bias can differ more (Adam's sign-like steps)
@@ -451,8 +472,8 @@ def main(device, tiny, batch, steps, methods, workdir, json_path):
         try:
             rows.append(check_generate_fid(ctx, os.path.join(workdir, 'cli-1')))
         except Exception as e:
-            rows.append(dict(part='2', method='generate.py + fid.py', config='cifar10', precision='auto',
-                             result=f'FAIL ({type(e).__name__}: {str(e).splitlines()[0][:80]})'))
+            rows.append(fail_row(e, part='2', method='generate.py + fid.py', config='cifar10', precision='auto'))
+    t2 = time.perf_counter()
     if device.type == 'cuda' and not tiny:
         for config_name, b in [('imagenet64', 35), ('cifar10', 49)]:
             for precision, tf32 in [('bf16', False), ('fp32', False), ('fp32', True)]:
@@ -460,7 +481,7 @@ def main(device, tiny, batch, steps, methods, workdir, json_path):
         rows += sampling_speed(ctx)
     rows = [{k: v for k, v in r.items() if k != 'options'} for r in rows]
     print_table(rows)
-    print(f'Total time: {time.perf_counter() - t0:.0f} s', flush=True)
+    print(f'Total time: {time.perf_counter() - t0:.0f} s (inputs and part 1 {t1 - t0:.0f} s, part 2 {t2 - t1:.0f} s)', flush=True)
     if json_path:
         with open(json_path, 'w') as f:
             json.dump(rows, f, indent=1)
