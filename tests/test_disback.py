@@ -44,14 +44,14 @@ def loaded(path):
     return net
 
 def test_lr_warm_up_restarts_with_stage_two(tmp_path):
-    """lr_rampup_kimg warms up stage 1's auxiliary score, then both networks again from the start of stage 2
-    (whose fake-score optimizer starts afresh)."""
+    """lr_rampup_kimg warms up stage 1's auxiliary score (at a tenth of the fake score's lr by default), then both
+    networks again from the start of stage 2 (whose fake-score optimizer starts afresh)."""
     db = gaussian_disback(run_dir=str(tmp_path), path_nodes=2, path_steps=2, lr_rampup_kimg=0.128, fake_lr=2e-2)
     lrs = []
     for step in range(5):
         one_step(db, step)
         lrs.append((db.opt_G.optimizer.param_groups[0]['lr'], db.opt_fake.optimizer.param_groups[0]['lr']))
-    assert lrs == pytest.approx([(1e-2, 0), (1e-2, 1e-2), (0, 0), (0, 1e-2), (0, 2e-2)])
+    assert lrs == pytest.approx([(1e-2, 0), (1e-2, 1e-3), (0, 0), (0, 1e-2), (0, 2e-2)])
 
 # ----------------------------------------------------------------------------
 # The closed-form problem: Gaussian data, exact teacher, Gaussian fake score, affine generator.
@@ -61,7 +61,8 @@ def test_path_is_monotone_and_backtracking_converges_to_data(tmp_path):
     towards G0's distribution; stage 2 switches the target exactly at generator steps K2, 2 K2, (N-1) K2 (each
     switch changes its weights to the next snapshot, the last to the teacher itself) and converges to the data."""
     N, K1, K2 = 4, 400, 50
-    db = gaussian_disback(run_dir=str(tmp_path), path_nodes=N, path_steps=K1, switch_every=K2, fake_lr=1e-2)
+    db = gaussian_disback(run_dir=str(tmp_path), path_nodes=N, path_steps=K1, switch_every=K2, fake_lr=1e-2,
+                          stage1_lr=1e-2)
     with torch.no_grad():  # G0 away from the data: mean shifted, spread collapsed
         db.G.mean.add_(0.5)
         db.G.log_std.add_(-1.0)
@@ -174,10 +175,11 @@ def path_files(nodes):
 
 @pytest.mark.parametrize('offsets, place, warning', [
     ([0, 0.4, 0.7, 1.0], 'even', None),
-    ([0, 0.6, 0.8, 1.0], 'even', 'Warning: the recorded path is a jump, not a trajectory: its first interval holds 60% '
-                                 'of its length; use --path-place=distance or a lower --stage1-lr'),
-    ([0, 0.6, 0.8, 1.0], 'distance', 'Warning: the recorded path is a jump, not a trajectory: its first interval '
-                                     'holds 60% of its length; lower --stage1-lr'),
+    ([0, 0.6, 0.8, 1.0], 'even', "Warning: the recorded path is a jump, not a trajectory: its first interval covers "
+                                 "60% of the distance from the teacher to s'_N; use --path-place=distance or a lower "
+                                 "--stage1-lr"),
+    ([0, 1.2, 0.8, 1.0], 'distance', "Warning: the recorded path is a jump, not a trajectory: its first interval "
+                                     "covers 120% of the distance from the teacher to s'_N; lower --stage1-lr"),
 ])
 def test_path_table_of_gaussian_nodes(tmp_path, capsys, offsets, place, warning):
     """Nodes N(MU + o_i, T^2): D_i - D_j = s^2 / (T^2 + s^2) (o_i - o_j) at every point, so every distance of the
@@ -199,11 +201,11 @@ def test_path_table_of_gaussian_nodes(tmp_path, capsys, offsets, place, warning)
         assert node['to_teacher_per_sigma'] == pytest.approx((offsets[i] * c).tolist(), rel=1e-5, abs=1e-7)
         assert node['to_teacher'] == pytest.approx(offsets[i] * total, rel=1e-5, abs=1e-7)
         if i > 0:
-            assert node['to_prev'] == pytest.approx((offsets[i] - offsets[i - 1]) * total, rel=1e-5)
+            assert node['to_prev'] == pytest.approx(abs(offsets[i] - offsets[i - 1]) * total, rel=1e-5)
         if i < N:
-            assert node['to_next'] == pytest.approx((offsets[i + 1] - offsets[i]) * total, rel=1e-5)
+            assert node['to_next'] == pytest.approx(abs(offsets[i + 1] - offsets[i]) * total, rel=1e-5)
     assert (table['nodes'][0]['to_prev'], table['nodes'][N]['to_next']) == (None, None)
-    assert table['length'] == pytest.approx(total, rel=1e-5)
+    assert table['length'] == pytest.approx(sum(abs(b - a) for a, b in zip(offsets, offsets[1:])) * total, rel=1e-5)
     assert table['first_interval_share'] == pytest.approx(offsets[1], rel=1e-5)
     assert table['warning'] == warning
     out = capsys.readouterr().out.splitlines()
@@ -407,8 +409,18 @@ def test_recipe_dry_run(name, tmp_path):
     assert kw['path_nodes'] == 4 and kw['switch_every'] == 1000 and kw['fake_steps'] == 5
     assert kw['path_steps'] == 2000 and kw['path_steps'] * batch < c['total_kimg'] * 1000
     assert kw['ema_halflife_kimg'] is None and kw['fake_lr'] is None and kw['sigma_init'] == 80
+    assert kw['stage1_lr'] == pytest.approx(kw['lr'] / 10) and kw['path_place'] == 'distance'
+    assert (kw['stage1_stop'], kw['stage1_window'], kw['stage1_tol']) == ('fixed', 50, 0.01)
     assert c['run_dir'].endswith(f'disback-{c["teacher"].split("/")[-1][:-4]}-path4-gpus1-batch{batch}-fp32')
     assert not os.listdir(tmp_path)
+
+@pytest.mark.parametrize('args, stage1_lr', [([], 5e-6), (['--fake-lr=1e-3'], 1e-4), (['--stage1-lr=3e-5'], 3e-5)])
+def test_stage1_lr_is_a_tenth_of_the_fake_score_lr_unless_given(tmp_path, args, stage1_lr):
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path}', '--method=disback', '--dry-run', *RECIPES['ffhq64'][:1],
+                                        '--lr=5e-5', *args])
+    assert r.exit_code == 0, r.output
+    c = json.loads(r.output.split('Training options:')[1].split('Output directory:')[0])
+    assert c['method_kwargs']['stage1_lr'] == pytest.approx(stage1_lr)
 
 # ----------------------------------------------------------------------------
 # Two processes (gloo): one run directory, one download, stage 2 reads the path on every rank.

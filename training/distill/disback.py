@@ -24,7 +24,7 @@ import dnnlib
 from torch_utils import distributed, misc, training_stats
 from training.distill.dmd import DMD
 
-PROBE_NUM = 64      # G0 samples of the probe on which stage 1 measures losses and distances
+PROBE_NUM = 32      # G0 samples of the probe on which stage 1 measures losses and distances
 PROBE_LEVELS = 4    # its noise levels: the midpoints of 4 equal parts of the distribution-matching index range
 PROBE_SEED = 0x5eed  # the probe's latents, labels and noise (fixed: the same probe in every run of a teacher)
 
@@ -113,8 +113,9 @@ class Backtracking:
         path            = None,         # directory of a recorded path: skip stage 1 (the stage-1 options are unused)
         path_nodes      = 4,            # N: the path has N+1 snapshots s'_0 = teacher, ..., s'_N
         path_steps      = 1000,         # K1: stage-1 updates of s' on G0's samples (the most, with 'plateau')
-        path_place      = 'even',       # node placement: 'even' or 'geometric' in updates, or 'distance' from the teacher
-        stage1_lr       = None,         # learning rate of s' in stage 1, None = the fake score's
+        path_place      = 'distance',   # node placement: 'even' or 'geometric' in updates, or 'distance' from the teacher
+        stage1_lr       = None,         # learning rate of s' in stage 1, None = the fake score's / 10 (measured: at
+                                        #   the fake score's, s' covers its whole distance in 1-2 updates: a jump)
         stage1_stop     = 'fixed',      # 'fixed': K1 updates; 'plateau': when the probe's denoising loss fell by
         stage1_window   = 50,           #   less than stage1_tol over a window of this many updates (at most K1)
         stage1_tol      = 0.01,
@@ -152,7 +153,7 @@ class Backtracking:
                                  f'(--stage1-kimg) or use fewer nodes (--path-nodes)')
             self.path_dir, self.num_nodes, self.path_steps = run_dir, path_nodes, path_steps
             self.place, self.stop, self.window, self.tol = path_place, stage1_stop, stage1_window, stage1_tol
-            self.fake_lr = stage1_lr if stage1_lr is not None else self.fake_lr
+            self.fake_lr = stage1_lr if stage1_lr is not None else self.fake_lr / 10
             # Nodes at known updates when K1 is fixed and placement is by update count; else a pool of candidates
             # (at most 4N files), thinned along the placement axis and chosen from once stage 1 ends.
             self.record_at = record_updates(path_place, path_nodes, path_steps) \
@@ -333,12 +334,12 @@ class Backtracking:
                               to_prev=float(dist(i, i - 1)[1]) if i > 0 else None,
                               to_next=float(dist(i, i + 1)[1]) if i < self.num_nodes else None))
         length = sum(n['to_prev'] for n in nodes[1:])
-        first = nodes[1]['to_prev'] / length if length > 0 else 0.0
+        first = nodes[1]['to_teacher'] / nodes[-1]['to_teacher'] if nodes[-1]['to_teacher'] > 0 else 0.0
         warning = None
-        if first > 0.5:
+        if first > 0.5:  # s'_1 is more than half as far from the teacher as s'_N
             fix = 'lower --stage1-lr' if self.place == 'distance' else 'use --path-place=distance or a lower --stage1-lr'
-            warning = (f'Warning: the recorded path is a jump, not a trajectory: its first interval holds {first:.0%} '
-                       f'of its length; {fix}')
+            warning = (f'Warning: the recorded path is a jump, not a trajectory: its first interval covers {first:.0%} '
+                       f'of the distance from the teacher to s\'_N; {fix}')
         table = dict(nodes=nodes, length=length, first_interval_share=first, warning=warning,
                      sigmas=self.probe.sigma.tolist(), probe_num=PROBE_NUM, stage1_updates=k_end,
                      stage1_lr=self.fake_lr, stage1_stop=self.stop, path_place=self.place, curve=self.curve)
