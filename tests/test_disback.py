@@ -301,6 +301,22 @@ def io_bytes(data):
     return io.BytesIO(data)
 
 
+def test_stage1_reads_the_device_only_at_window_ends(tmp_path):
+    """Stage 1 measures s' on the probe at every check (updates 1-3, 4, 8, 16, window ends, K1) but reads the
+    measurements only at window ends and at its end."""
+    from test_precision import CountSyncs
+    db = gaussian_disback(run_dir=str(tmp_path), path_nodes=3, path_steps=30, stage1_window=8)
+    reads = []
+    for step in range(30):
+        with CountSyncs() as counter:
+            one_step(db, step)
+        if counter.calls:
+            reads.append(step + 1)
+    assert reads == [8, 16, 24, 30] and db.stage == 2
+    assert [k for k, _loss, _d in json.loads((tmp_path / 'path.json').read_text())['curve']] == \
+        [1, 2, 3, 4, 8, 16, 24, 30]
+
+
 def test_converged_rule_reads_the_device_only_at_window_ends(tmp_path):
     """--switch=converged keeps the window's L_DM sum on the device; it is read at the window's end only."""
     from test_precision import CountSyncs

@@ -162,6 +162,7 @@ class Backtracking:
             self.curve = []       # [update, probe loss, distance from the teacher] at each check
             self.pool = []        # [update, distance from the teacher] of the candidate snapshots on disk
             self.loss_prev = None  # 'plateau': probe loss at the previous window end
+            self.pending = []     # (update, device tensor [probe loss, distance]) of the checks since the last window end
             self.probe = self._make_probe()
             self.probe_teacher = self._probe_outputs(self.real)
         else:  # a recorded path: start at stage 2 with s_phi <- s'_N
@@ -256,21 +257,27 @@ class Backtracking:
         return k <= self.num_nodes or k & (k - 1) == 0 or k % self.window == 0 or k == self.path_steps
 
     def _check(self, k):
-        """Measure s' after k updates; keep it as a candidate; returns whether stage 1 ends here. Reads the device
-        (one small tensor, the same on every rank: rank 0's)."""
+        """Measure s' after k updates on the probe (and keep it as a candidate); returns whether stage 1 ends here.
+        The measurements stay on the device until a window end (or K1), where they are read together, the pool is
+        thinned and the plateau test runs: no other step reads the device."""
         D = self._probe_outputs(self.fake)
-        values = torch.stack([self._probe_loss(D), self._distance(D, self.probe_teacher)[1]]).to(torch.float64)
-        loss, dist = distributed.broadcast_(values).tolist()
-        self.curve.append([k, loss, dist])
+        self.pending.append((k, torch.stack([self._probe_loss(D), self._distance(D, self.probe_teacher)[1]]).to(torch.float64)))
         if self.record_at is None:
             self._save_fake(candidate_path(self.path_dir, k))
-            self.pool.append([k, dist])
-            if len(self.pool) > self.pool_size:
+        if k % self.window != 0 and k < self.path_steps:
+            return False
+        values = distributed.broadcast_(torch.stack([v for _, v in self.pending])).tolist()  # rank 0's, on every rank
+        self.curve += [[u, loss, dist] for (u, _), (loss, dist) in zip(self.pending, values)]
+        self.pending = []
+        if self.record_at is None:
+            self.pool += [[u, dist] for u, _loss, dist in self.curve[-len(values):]]
+            while len(self.pool) > self.pool_size:
                 coords = [place_coordinate(self.place, u, d) for u, d in [[0, 0.0]] + self.pool]
                 self._remove_candidate(self.pool.pop(thin(coords))[0])
         if k >= self.path_steps:
             return True
-        if self.stop == 'plateau' and k % self.window == 0:
+        loss = self.curve[-1][1]
+        if self.stop == 'plateau':
             done = self.loss_prev is not None and loss > (1 - self.tol) * self.loss_prev and k >= self.num_nodes
             self.loss_prev = loss
             return done
@@ -412,7 +419,8 @@ class Backtracking:
                      node_g_steps=self.node_g_steps, switches=list(self.switches),
                      window_sum=float(self.window_sum), window_prev=self.window_prev)
         if self.stage == 1:
-            state.update(curve=copy.deepcopy(self.curve), pool=copy.deepcopy(self.pool), loss_prev=self.loss_prev)
+            state.update(curve=copy.deepcopy(self.curve), pool=copy.deepcopy(self.pool), loss_prev=self.loss_prev,
+                         pending=[[k, *v.tolist()] for k, v in self.pending])
         return state
 
     def load_state_dict(self, state):
@@ -422,6 +430,7 @@ class Backtracking:
         self.window_sum, self.window_prev = state['window_sum'], state['window_prev']
         if self.stage == 1:
             self.curve, self.pool, self.loss_prev = copy.deepcopy(state['curve']), copy.deepcopy(state['pool']), state['loss_prev']
+            self.pending = [(k, torch.tensor(v, dtype=torch.float64, device=self.device)) for k, *v in state['pending']]
         else:
             self.fake_lr = self.stage2_fake_lr
         self._set_node(state['node'])
