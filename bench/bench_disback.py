@@ -216,6 +216,18 @@ def crossing(rows, limit, key='g_steps'):
     return rows[0][key] if rows[0]['fd'] <= limit else None
 
 
+def run_log_fd(rows, key='g_steps', offset=0.0, end=None):
+    """Mean log FD over the run (trapezoids along G steps, or along compute shifted by the stage-1 compute, FD
+    being G0's until then, up to `end`): its difference between two arms is the log of their geometric-mean FD
+    ratio, a convergence summary that no threshold censors."""
+    x = np.array([0.0] + [r[key] + offset for r in rows])
+    f = np.log([rows[0]['fd']] + [r['fd'] for r in rows])
+    end = x[-1] if end is None else end
+    grid = np.union1d(x[x <= end], [end])
+    y = np.interp(grid, x, f)
+    return float(((y[1:] + y[:-1]) / 2 * np.diff(grid)).sum() / end)
+
+
 def threshold(reference):
     """FD at which the excess FD over exact samples (the finite-count floor, same count) is 2x the teacher's:
     2 FD_teacher - FD_exact. Raw FD at 1,000 images is mostly floor on the 16x16 problem (teacher 3.31, exact 2.83,
@@ -373,42 +385,63 @@ def report(workdir):
 
 
 def tables(results):
+    """Per (problem, setting, s_init): stage 1, then steps and compute to the threshold, final FD, and the curves."""
     groups = {}
     for key, run in results['runs'].items():
         problem, setting, sigma, seed, arm = key.split('/')
         groups.setdefault((problem, setting, sigma), {}).setdefault(arm, {})[seed] = run
+    fmt = lambda v: f'{v[0]:.0f} [{v[1]:.0f}, {v[2]:.0f}]'
     lines = []
     for (problem, setting, sigma), arms in groups.items():
         limit = threshold(results['reference'][problem])
+        ref = results['reference'][problem]
         s = SETTINGS[setting]
-        lines += [f'### {problem}, s_init {sigma[1:]}, setting {setting} (G lr {s["lr"]:g}, fake lr {s["fake_lr"]:g}, '
-                  f'ratio {s["fake_steps"]}, batch {s["batch"]}); 2x the teacher\'s excess FD: FD <= {limit:.3f}', '',
-                  '| arm | seeds | K2 | G steps to 2x: mean [95% CI] | minus DMD (paired) | compute to 2x incl. stage 1 '
-                  '| final FD (last 3 evals) | final mode TV |', '|---|---|---|---|---|---|---|---|']
+        stage1 = [v for k, v in results['stage1'].items() if k.startswith(f'{problem}/{sigma}/')]
+        lines += [f'### {problem}, s_init {sigma[1:]}, setting {setting}: G lr {s["lr"]:g}, fake lr {s["fake_lr"]:g}, '
+                  f'{s["fake_steps"]} fake updates per G update, batch {s["batch"]}', '',
+                  f'Teacher FD {ref["teacher"]["fd"]:.3f}, exact samples {ref["exact"]["fd"]:.3f} '
+                  f'({len(next(iter(next(iter(arms.values())).values()))["rows"])} evaluations of '
+                  f'{results["plan"]["num_eval"][problem]} images); threshold (2x the teacher\'s excess FD): FD <= '
+                  f'{limit:.3f}. Stage 1 ({len(stage1)} seeds): {np.mean([v["updates"] for v in stage1]):.0f} updates '
+                  f'({min(v["updates"] for v in stage1)}-{max(v["updates"] for v in stage1)}), '
+                  f'{np.mean([v["compute"] for v in stage1]):.1f} units; s\'_8 at '
+                  f'{np.mean([v["path"]["nodes"][-1]["to_teacher"] for v in stage1]):.4f} from the teacher, s\'_1 at '
+                  f'{np.mean([v["path"]["first_interval_share"] for v in stage1]):.0%} of that.', '',
+                  '| arm | seeds | K2 | G steps to threshold: mean [95% CI] | minus DMD, paired | compute to threshold, '
+                  'incl. stage 1 | FD over the run / DMD\'s: G steps, compute incl. stage 1 [95% CI] | final FD: mean of '
+                  'last 3 evals (min-max) | final mode TV |', '|---|---|---|---|---|---|---|---|---|']
         dmd = arms.get('dmd', {})
         for arm, runs in arms.items():
             seeds = sorted(runs)
             steps = [crossing(runs[k]['rows'], limit) for k in seeds]
             comp = [crossing(runs[k]['rows'], limit, 'compute') for k in seeds]
-            comp = [c + runs[k]['stage1_compute'] if c is not None else None for c, k in zip(comp, seeds)]
+            comp = [c + runs[k]['stage1_compute'] for c, k in zip(comp, seeds) if c is not None]
             reached = [v for v in steps if v is not None]
-            cell = lambda v: 'not reached' if not v else (f'{bootstrap_ci(v)[0]:.0f} [{bootstrap_ci(v)[1]:.0f}, '
-                                                           f'{bootstrap_ci(v)[2]:.0f}]' + ('' if len(v) == len(seeds) else f' ({len(v)} of {len(seeds)})'))
+            note = lambda v: '' if len(v) == len(seeds) else f' ({len(v)} of {len(seeds)} seeds)'
+            cell = lambda v: (fmt(bootstrap_ci(v)) + note(v)) if v else 'not reached'
             diff = '-'
             if arm != 'dmd':
-                pairs = [(a, crossing(dmd[k]['rows'], limit)) for a, k in zip(steps, seeds) if k in dmd]
-                d = [a - b for a, b in pairs if a is not None and b is not None]
-                diff = f'{bootstrap_ci(d)[0]:+.0f} [{bootstrap_ci(d)[1]:+.0f}, {bootstrap_ci(d)[2]:+.0f}]' if d else '-'
+                d = [a - crossing(dmd[k]['rows'], limit) for a, k in zip(steps, seeds)
+                     if k in dmd and a is not None and crossing(dmd[k]['rows'], limit) is not None]
+                diff = (f'{bootstrap_ci(d)[0]:+.0f} [{bootstrap_ci(d)[1]:+.0f}, {bootstrap_ci(d)[2]:+.0f}]' + note(d)) if d else '-'
+            ratio = '-'
+            if arm != 'dmd':
+                d = [run_log_fd(runs[k]['rows']) - run_log_fd(dmd[k]['rows']) for k in seeds if k in dmd]
+                c = [run_log_fd(runs[k]['rows'], 'compute', runs[k]['stage1_compute'], dmd[k]['rows'][-1]['compute'])
+                     - run_log_fd(dmd[k]['rows'], 'compute') for k in seeds if k in dmd]
+                ratio = '{:.2f} [{:.2f}, {:.2f}]; {:.2f} [{:.2f}, {:.2f}]'.format(*np.exp(bootstrap_ci(d)),
+                                                                                  *np.exp(bootstrap_ci(c)))
             final = [np.mean([r['fd'] for r in runs[k]['rows'][-3:]]) for k in seeds]
-            tv = [runs[k]['rows'][-1]['mode_tv'] for k in seeds]
+            tv = [np.mean([r['mode_tv'] for r in runs[k]['rows'][-3:]]) for k in seeds]
             lines.append(f'| {arm} | {len(seeds)} | {runs[seeds[0]]["switch_every"] or "-"} | {cell(reached)} | {diff} | '
-                         f'{cell([c for c in comp if c is not None])} | {np.mean(final):.3f} ({min(final):.3f}-{max(final):.3f}) | '
-                         f'{np.mean(tv):.3f} |')
-        lines += ['', '| arm | ' + ' | '.join(f'FD @{r["g_steps"]}' for r in next(iter(next(iter(arms.values())).values()))['rows'][::4]) + ' |']
-        lines.append('|---' * (1 + len(lines[-1].split('|')) - 3) + '|')
+                         f'{cell(comp)} | {ratio} | {np.mean(final):.3f} ({min(final):.3f}-{max(final):.3f}) | {np.mean(tv):.3f} |')
+        steps = [r['g_steps'] for r in next(iter(next(iter(arms.values())).values()))['rows']]
+        lines += ['', '| FD (mode TV), mean over seeds, at G steps | ' + ' | '.join(map(str, steps)) + ' |',
+                  '|---' * (len(steps) + 1) + '|']
         for arm, runs in arms.items():
-            curves = np.array([[r['fd'] for r in runs[k]['rows']] for k in sorted(runs)])
-            lines.append(f'| {arm} | ' + ' | '.join(f'{v:.2f}' for v in curves.mean(axis=0)[::4]) + ' |')
+            fd = np.mean([[r['fd'] for r in runs[k]['rows']] for k in runs], axis=0)
+            tv = np.mean([[r['mode_tv'] for r in runs[k]['rows']] for k in runs], axis=0)
+            lines.append(f'| {arm} | ' + ' | '.join(f'{a:.2f} ({b:.2f})' for a, b in zip(fd, tv)) + ' |')
         lines.append('')
     return '\n'.join(lines)
 

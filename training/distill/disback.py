@@ -9,6 +9,13 @@ node's distance from the teacher and from its neighbours. Stage 2, distribution 
 starts from s'_N and whose distribution-matching target walks s'_{N-1}, ..., s'_1, s'_0 = the teacher itself, one
 node every K2 generator steps (or once the distribution-matching loss stops falling), then stays at the teacher.
 
+Placing nodes by distance (or ending stage 1 at a plateau) needs the final distance, which is known only at the end
+of stage 1. One pass, no stage-1 compute repeated: s' is measured on the probe after every update up to N, at powers
+of two (the fast start) and at every window end, and each measured s' is kept as a candidate snapshot
+(stage1-XXXXXXXX.pt). At window ends the pool is thinned to 4N candidates along the placement axis (the candidate
+whose neighbours are closest goes); at the end s'_i is the candidate nearest to i/N of the way and the others are
+deleted. A resume replays stage 1 from its last state and makes the same choices.
+
 The stage logic is the mixin `Backtracking`, so that it composes with any DMD-like base class; see its docstring.
 """
 
