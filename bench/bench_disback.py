@@ -384,46 +384,52 @@ def report(workdir):
     click.echo(tables(results))
 
 
+def threshold_cells(runs, dmd, limit):
+    """Table cells of one arm for one threshold: G steps to reach it, the paired difference to DMD, and the compute
+    to reach it including stage 1 (means and 95% bootstrap intervals over the seeds that reached it)."""
+    seeds = sorted(runs)
+    fmt = lambda v, sign='': ('{:' + sign + '.0f} [{:' + sign + '.0f}, {:' + sign + '.0f}]').format(*bootstrap_ci(v))
+    note = lambda v: '' if len(v) == len(seeds) else f' ({len(v)} of {len(seeds)})'
+    steps = {k: crossing(runs[k]['rows'], limit) for k in seeds}
+    reached = [v for v in steps.values() if v is not None]
+    comp = [crossing(runs[k]['rows'], limit, 'compute') + runs[k]['stage1_compute'] for k in seeds if steps[k] is not None]
+    d = [steps[k] - crossing(dmd[k]['rows'], limit) for k in seeds if k in dmd and steps[k] is not None
+         and crossing(dmd[k]['rows'], limit) is not None]
+    return [fmt(reached) + note(reached) if reached else 'not reached',
+            fmt(d, '+') + note(d) if d and runs is not dmd else '-',
+            fmt(comp) + note(comp) if comp else '-']
+
+
 def tables(results):
-    """Per (problem, setting, s_init): stage 1, then steps and compute to the threshold, final FD, and the curves."""
+    """Per (problem, setting, s_init): stage 1; steps and compute to two FD thresholds, the FD ratio to DMD over the
+    run, the final FD; then the FD and mode TV curves."""
     groups = {}
     for key, run in results['runs'].items():
         problem, setting, sigma, seed, arm = key.split('/')
         groups.setdefault((problem, setting, sigma), {}).setdefault(arm, {})[seed] = run
-    fmt = lambda v: f'{v[0]:.0f} [{v[1]:.0f}, {v[2]:.0f}]'
     lines = []
     for (problem, setting, sigma), arms in groups.items():
-        limit = threshold(results['reference'][problem])
         ref = results['reference'][problem]
+        dmd = arms['dmd']
+        fd0 = next(iter(dmd.values()))['rows'][0]['fd']  # G0: the same for every arm and seed
+        limits = [threshold(ref), ref['exact']['fd'] + (fd0 - ref['exact']['fd']) / 2]
         s = SETTINGS[setting]
         stage1 = [v for k, v in results['stage1'].items() if k.startswith(f'{problem}/{sigma}/')]
+        updates = [v['updates'] for v in stage1]
         lines += [f'### {problem}, s_init {sigma[1:]}, setting {setting}: G lr {s["lr"]:g}, fake lr {s["fake_lr"]:g}, '
                   f'{s["fake_steps"]} fake updates per G update, batch {s["batch"]}', '',
-                  f'Teacher FD {ref["teacher"]["fd"]:.3f}, exact samples {ref["exact"]["fd"]:.3f} '
-                  f'({len(next(iter(next(iter(arms.values())).values()))["rows"])} evaluations of '
-                  f'{results["plan"]["num_eval"][problem]} images); threshold (2x the teacher\'s excess FD): FD <= '
-                  f'{limit:.3f}. Stage 1 ({len(stage1)} seeds): {np.mean([v["updates"] for v in stage1]):.0f} updates '
-                  f'({min(v["updates"] for v in stage1)}-{max(v["updates"] for v in stage1)}), '
-                  f'{np.mean([v["compute"] for v in stage1]):.1f} units; s\'_8 at '
+                  f'Teacher FD {ref["teacher"]["fd"]:.3f}, exact samples {ref["exact"]["fd"]:.3f}, G0 {fd0:.3f} '
+                  f'({results["plan"]["num_eval"][problem]} images). Thresholds: T2, 2x the teacher\'s excess FD over '
+                  f'exact samples (FD <= {limits[0]:.3f}); Th, half of G0\'s excess FD (FD <= {limits[1]:.3f}). Stage 1 '
+                  f'({len(stage1)} seeds): {np.mean(updates):.0f} updates ({min(updates)}-{max(updates)}), '
+                  f'{np.mean([v["compute"] for v in stage1]):.1f} units of compute; s\'_8 '
                   f'{np.mean([v["path"]["nodes"][-1]["to_teacher"] for v in stage1]):.4f} from the teacher, s\'_1 at '
                   f'{np.mean([v["path"]["first_interval_share"] for v in stage1]):.0%} of that.', '',
-                  '| arm | seeds | K2 | G steps to threshold: mean [95% CI] | minus DMD, paired | compute to threshold, '
-                  'incl. stage 1 | FD over the run / DMD\'s: G steps, compute incl. stage 1 [95% CI] | final FD: mean of '
-                  'last 3 evals (min-max) | final mode TV |', '|---|---|---|---|---|---|---|---|---|']
-        dmd = arms.get('dmd', {})
+                  '| arm | seeds | K2 | G steps to T2 | minus DMD | compute to T2 | G steps to Th | minus DMD | compute to '
+                  'Th | FD over the run / DMD\'s: along G steps; along compute | final FD (min-max) | final mode TV |',
+                  '|---' * 12 + '|']
         for arm, runs in arms.items():
             seeds = sorted(runs)
-            steps = [crossing(runs[k]['rows'], limit) for k in seeds]
-            comp = [crossing(runs[k]['rows'], limit, 'compute') for k in seeds]
-            comp = [c + runs[k]['stage1_compute'] for c, k in zip(comp, seeds) if c is not None]
-            reached = [v for v in steps if v is not None]
-            note = lambda v: '' if len(v) == len(seeds) else f' ({len(v)} of {len(seeds)} seeds)'
-            cell = lambda v: (fmt(bootstrap_ci(v)) + note(v)) if v else 'not reached'
-            diff = '-'
-            if arm != 'dmd':
-                d = [a - crossing(dmd[k]['rows'], limit) for a, k in zip(steps, seeds)
-                     if k in dmd and a is not None and crossing(dmd[k]['rows'], limit) is not None]
-                diff = (f'{bootstrap_ci(d)[0]:+.0f} [{bootstrap_ci(d)[1]:+.0f}, {bootstrap_ci(d)[2]:+.0f}]' + note(d)) if d else '-'
             ratio = '-'
             if arm != 'dmd':
                 d = [run_log_fd(runs[k]['rows']) - run_log_fd(dmd[k]['rows']) for k in seeds if k in dmd]
@@ -433,9 +439,11 @@ def tables(results):
                                                                                   *np.exp(bootstrap_ci(c)))
             final = [np.mean([r['fd'] for r in runs[k]['rows'][-3:]]) for k in seeds]
             tv = [np.mean([r['mode_tv'] for r in runs[k]['rows'][-3:]]) for k in seeds]
-            lines.append(f'| {arm} | {len(seeds)} | {runs[seeds[0]]["switch_every"] or "-"} | {cell(reached)} | {diff} | '
-                         f'{cell(comp)} | {ratio} | {np.mean(final):.3f} ({min(final):.3f}-{max(final):.3f}) | {np.mean(tv):.3f} |')
-        steps = [r['g_steps'] for r in next(iter(next(iter(arms.values())).values()))['rows']]
+            cells = [arm, len(seeds), runs[seeds[0]]['switch_every'] or '-', *threshold_cells(runs, dmd, limits[0]),
+                     *threshold_cells(runs, dmd, limits[1]), ratio, f'{np.mean(final):.2f} ({min(final):.2f}-{max(final):.2f})',
+                     f'{np.mean(tv):.3f}']
+            lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
+        steps = [r['g_steps'] for r in next(iter(dmd.values()))['rows']]
         lines += ['', '| FD (mode TV), mean over seeds, at G steps | ' + ' | '.join(map(str, steps)) + ' |',
                   '|---' * (len(steps) + 1) + '|']
         for arm, runs in arms.items():
