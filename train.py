@@ -304,9 +304,11 @@ def setup_disback(opts, c, ds):
     desc = setup_dmd(opts, c, ds)  # DisBack is DMD with a moving target: DMD's options and defaults apply
     c.method_kwargs.class_name = 'training.distill.disback.DisBack'
     given = lambda name: click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+    stage1 = ['stage1_kimg', 'path_nodes', 'stage1_lr', 'stage1_stop', 'stage1_window', 'stage1_tol', 'path_place']
     if opts.path is not None:
-        if given('stage1_kimg') or given('path_nodes'):
-            raise click.ClickException('--path=DIR uses a recorded path (no stage 1): drop --stage1-kimg and --path-nodes')
+        if any(given(name) for name in stage1):
+            raise click.ClickException(f'--path=DIR uses a recorded path (no stage 1): drop '
+                                       f'{", ".join("--" + n.replace("_", "-") for n in stage1 if given(n))}')
         try:
             nodes = recorded_nodes(opts.path)
         except (OSError, ValueError) as e:
@@ -319,7 +321,13 @@ def setup_disback(opts, c, ds):
             raise click.ClickException(f'--stage1-kimg={opts.stage1_kimg} is {path_steps} steps of --batch={opts.batch}, '
                                        f'fewer than the {nodes} path intervals (--path-nodes); lengthen stage 1')
         c.method_kwargs.path_nodes = nodes                      # N: snapshots s'_0 = teacher, ..., s'_N
-        c.method_kwargs.path_steps = path_steps                 # K1: stage-1 updates of the auxiliary score
+        c.method_kwargs.path_steps = path_steps                 # K1: stage-1 updates of the auxiliary score (the most, 'plateau')
+        c.method_kwargs.path_place = opts.path_place            # nodes evenly/geometrically in updates, or by distance
+        fake_lr = c.method_kwargs.fake_lr or c.method_kwargs.lr
+        c.method_kwargs.stage1_lr = opts.stage1_lr or fake_lr / 10  # measured: at the fake lr the path is one jump
+        c.method_kwargs.stage1_stop = opts.stage1_stop          # 'fixed' K1 updates, or 'plateau' of the probe loss
+        c.method_kwargs.stage1_window = opts.stage1_window      # updates between probe checks (plateau windows)
+        c.method_kwargs.stage1_tol = opts.stage1_tol            # 'plateau': least relative fall of the probe loss
     c.method_kwargs.switch_every = opts.switch_every            # K2: generator steps per path node (or window)
     c.method_kwargs.switch_rule = opts.switch                   # 'every' K2 steps or 'converged'
     c.method_kwargs.switch_tol = opts.switch_tol                # 'converged': least relative fall of L_DM per window
@@ -408,6 +416,11 @@ METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=se
 @click.option('--path',          help='DisBack: recorded path (a stage-1 run directory): skip stage 1', metavar='DIR', type=str)
 @click.option('--stage1-kimg',   help='DisBack: stage 1 (path recording) duration, part of --duration', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=200)
 @click.option('--path-nodes',    help='DisBack: N, the path has N+1 snapshots', metavar='INT', type=click.IntRange(min=1), default=4)
+@click.option('--path-place',    help='DisBack: nodes evenly or geometrically in stage-1 updates, or evenly in distance from the teacher', type=click.Choice(['even', 'geometric', 'distance']), default='distance')
+@click.option('--stage1-lr',     help='DisBack: stage-1 learning rate  [default: fake-score lr / 10]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--stage1-stop',   help='DisBack: stage 1 lasts --stage1-kimg, or until its probe loss plateaus (at most --stage1-kimg)', type=click.Choice(['fixed', 'plateau']), default='fixed')
+@click.option('--stage1-window', help='DisBack: stage-1 updates between probe checks (the plateau test\'s window)', metavar='INT', type=click.IntRange(min=1), default=50)
+@click.option('--stage1-tol',    help='DisBack: --stage1-stop=plateau ends when the probe loss fell by less than this over a window', metavar='FRAC', type=click.FloatRange(0, 1), default=0.01)
 @click.option('--switch-every',  help='DisBack: generator steps per path node (window of --switch=converged)', metavar='INT', type=click.IntRange(min=1), default=1000)
 @click.option('--switch',        help='DisBack: move the target every K generator steps, or when L_DM stops falling', type=click.Choice(['every', 'converged']), default='every')
 @click.option('--switch-tol',    help='DisBack: --switch=converged moves on when a window\'s L_DM fell by less than this', metavar='FRAC', type=click.FloatRange(0, 1), default=0.05)

@@ -1,18 +1,34 @@
-"""DisBack against DMD on an exact toy problem: pixel FD and mode coverage against generator steps and total compute.
+"""DisBack's faster-convergence claim, tested against DMD on two exact toy problems (issue 18).
 
-    python bench/bench_disback.py --workdir=/tmp/disback-bench    # builds the problem once, then 3 seeds x 2 methods
+    python toy.py build --outdir=/tmp/edb18/toy16                                # the conditional 16x16 default
+    OMP_NUM_THREADS=1 python bench/bench_disback.py pilot --workdir=/tmp/edb18 --problem16=/tmp/edb18/toy16
+    OMP_NUM_THREADS=1 nohup python bench/bench_disback.py run --workdir=/tmp/edb18 --problem16=/tmp/edb18/toy16 &
+    python bench/bench_disback.py report --workdir=/tmp/edb18                    # markdown tables from results.json
 
-The problem: an unconditional 8x8x3 Gaussian mixture of 10 components (training/toy.py) and a small SongUNet fitted
-to its exact denoiser, which is the teacher. Both methods start G and the fake score from that teacher with the same
-DMD settings; DisBack first records its path (stage 1) and then backtracks along it. Compute is counted in network
-passes over images (forward 1, backward 2), measured with forward hooks, and reported in units of one DMD generator
-step (8 passes per image), so stage 1 is charged to DisBack. Results go to WORKDIR/results.json and a table.
+Problems: `uncond8`, an unconditional 8x8x3 mixture of 10 components whose small SongUNet teacher is fitted here
+(cached as WORKDIR/teacher-uncond8.pkl), and `cond16`, toy.py's default conditional 16x16 problem and its fitted
+teacher. For each problem, s_init in {80, 2.5} and paired seed, one stage 1 records a path (N = 8, nodes placed by
+distance from the teacher, run until the probe's denoising loss plateaus); then five arms train G for the same
+number of generator steps with the same optimiser, update ratio, batch, learning rates and random streams:
+`dmd`; `init`, DMD whose fake score starts from s'_N (the initialisation effect alone: the path {s'_0, s'_N});
+`db2`, `db4`, `db8`, DisBack on the nodes {0, 4, 8}, {0, 2, 4, 6, 8} and all 9 of the recorded path (distance
+placement picks the N = 4 and N = 2 nodes at the same targets, i/N of the distance), switching every K2 generator
+steps with N*K2 about a third of the steps DMD needs to reach 2x the teacher's FD (the pilot's).
+
+Measured every few generator steps on fixed latents (balanced classes for cond16): pixel FD against the exact
+mixture and mode-coverage TV (training/toy.py). Compute is counted in network evaluations, not seconds (the machine
+is shared): images through a network's forward pass, plus two per image for each backward pass (forward hooks; the
+evaluations themselves are not counted), in units of one DMD generator step at update ratio 1 (8 passes per image
+of the batch). The stage-1 compute is charged to `init` and `db*`. Results are written after every run to
+WORKDIR/results.json (a run already there is skipped, so an interrupted bench continues).
 """
 
 import copy
 import json
+import math
 import os
 import pickle
+import shutil
 import sys
 import time
 
@@ -23,174 +39,421 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib  # noqa: E402
 from torch_utils import persistence  # noqa: E402
-from training import toy  # noqa: E402
+from training import samplers, toy  # noqa: E402
 from training.batching import Round, StepRandom  # noqa: E402
-from training.distill.disback import DisBack  # noqa: E402
+from training.distill.disback import DisBack, node_path  # noqa: E402
 from training.distill.dmd import DMD  # noqa: E402
 from training.networks import EDMPrecond  # noqa: E402
 
-PROBLEM = dict(img_resolution=8, img_channels=3, num_components=10, seed=0)
-NET = dict(model_type='SongUNet', model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0)
+UNCOND8 = dict(img_resolution=8, img_channels=3, num_components=10, seed=0)
+UNCOND8_NET = dict(model_type='SongUNet', model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[],
+                   dropout=0)
+ARMS = {'dmd': None, 'init': [0, 8], 'db2': [0, 4, 8], 'db4': [0, 2, 4, 6, 8], 'db8': list(range(9))}  # path nodes
+STAGE1_SEED = 1 << 20  # stage 1's random streams: step indices apart from stage 2's
 
 # ----------------------------------------------------------------------------
+# Problems: teacher, exact metrics, fixed evaluation latents.
 
-def build_teacher(workdir, fit_steps, log):
-    """The fitted unconditional teacher (cached as WORKDIR/teacher.pkl) and the exact mixture."""
-    gmm = toy.GMMDenoiser(**PROBLEM)
-    path = os.path.join(workdir, 'teacher.pkl')
-    if os.path.isfile(path):
+class Problem:
+    def __init__(self, name, teacher, means, stds, weights, num_eval):
+        self.name, self.teacher = name, teacher
+        self.label_dim = teacher.label_dim
+        K = len(weights)
+        self.means, self.stds = means, stds
+        self.weights = np.full(K, 1 / K) if self.label_dim else weights  # balanced labels for conditional problems
+        self.shape = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
+        self.z = torch.randn([num_eval, *self.shape], generator=torch.Generator().manual_seed(123))
+        self.c = torch.eye(K)[torch.arange(num_eval) % K] if self.label_dim else None
+
+    def metrics(self, images):
+        """FD against the exact mixture and mode TV of float images quantised like PNGs."""
+        x = toy.from_uint8(toy.to_uint8(images).numpy())
+        m = toy.mixture_metrics([x], self.means, self.stds, self.weights)
+        return dict(fd=m['fd'], mode_tv=m['mode_tv'])
+
+    def teacher_reference(self):
+        """The teacher's 18-step Heun samples (35 NFE) and exact samples, on the evaluation count."""
+        with torch.no_grad():
+            x = torch.cat([samplers.sample(self.teacher, z, c, num_steps=18)
+                           for z, c in zip(self.z.split(250), self.c.split(250) if self.c is not None else [None] * 99)])
+        g = torch.Generator().manual_seed(1 << 31)
+        n = len(self.z)
+        k = torch.arange(n) % len(self.weights) if self.label_dim else None
+        exact, _ = toy.sample_mixture(torch.as_tensor(self.means), torch.as_tensor(self.stds),
+                                      torch.as_tensor(self.weights), n, generator=g, class_idx=k)
+        return dict(teacher=self.metrics(x), exact=self.metrics(exact))
+
+
+def load_problem(name, workdir, problem16, num_eval):
+    if name == 'uncond8':
+        path = os.path.join(workdir, 'teacher-uncond8.pkl')
+        gmm = toy.GMMDenoiser(**UNCOND8)
+        if not os.path.isfile(path):
+            torch.manual_seed(0)
+            net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=0, **UNCOND8_NET).train().requires_grad_(True)
+            for _ in toy.fit_denoiser(net, gmm, num_steps=400, batch_size=128, seed=1):
+                pass
+            net.eval().requires_grad_(False)
+            dnnlib.util.atomic_write(path, lambda f: pickle.dump(dict(ema=net), f))
         with open(path, 'rb') as f:
-            return persistence.load(f)['ema'], gmm
-    torch.manual_seed(0)
-    net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=0, **NET).train().requires_grad_(True)
-    t0 = time.time()
-    for step, loss in toy.fit_denoiser(net, gmm, num_steps=fit_steps, batch_size=128, seed=1):
-        if (step + 1) % 100 == 0:
-            log(f'  fit step {step + 1}/{fit_steps}  loss {loss:.4f}  {time.time() - t0:.0f} s')
-    net.eval().requires_grad_(False)
-    os.makedirs(workdir, exist_ok=True)
-    dnnlib.util.atomic_write(path, lambda f: pickle.dump(dict(ema=net), f))
-    return net, gmm
+            teacher = persistence.load(f)['ema']
+        return Problem(name, teacher, gmm.means.numpy(), gmm.stds.numpy(), gmm.weights.numpy(), num_eval)
+    teacher = persistence.load_network_pkl(os.path.join(problem16, 'teacher-unet.pkl')).eval().requires_grad_(False)
+    with np.load(os.path.join(problem16, 'reference.npz')) as ref:
+        return Problem(name, teacher, ref['means'], ref['stds'], ref['weights'], num_eval)
 
-
-def metrics(gmm, images):
-    """FD against the exact mixture, mode-coverage TV and precision, of float images [N,C,H,W] quantised like PNGs."""
-    x = toy.from_uint8(toy.to_uint8(images).numpy())
-    return toy.mixture_metrics([x], gmm.means.numpy(), gmm.stds.numpy(), gmm.weights.numpy())
-
-
-def teacher_heun(teacher, gmm, num):
-    """The teacher's own 18-step Heun samples: the quality a one-step student could reach at best."""
-    from training import samplers
-    z = torch.randn([num, 3, 8, 8], generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        x = torch.cat([samplers.sample(teacher, zb, None, num_steps=18) for zb in z.split(250)])
-    return metrics(gmm, x)
-
-
-def exact_floor(gmm, num):
-    """The same metrics for exact samples at the same count: the best any generator can score here."""
-    x, _ = gmm.sample(num, generator=torch.Generator().manual_seed(1 << 31))
-    return metrics(gmm, x)
-
+# ----------------------------------------------------------------------------
+# Compute: network evaluations, from forward hooks.
 
 class PassCounter:
-    """Images through each network's forward pass, from forward hooks."""
+    """Images through every hooked network's forward pass, plus 2 per image for the backward of passes that build a
+    graph (grad enabled and the network's parameters require grad)."""
 
     def __init__(self, nets):
-        self.forward = 0
+        self.passes, self.on = 0, True
         for net in nets:
             net.register_forward_hook(self._hook)
 
-    def _hook(self, _module, inputs, _output):
-        self.forward += inputs[0].shape[0]
+    def _hook(self, module, inputs, _output):
+        if self.on:
+            grad = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+            self.passes += inputs[0].shape[0] * (3 if grad else 1)
 
 
-def run_arm(method_name, teacher, gmm, seed, opts, workdir, log):
-    """Train one method; evaluate G every `eval_every` generator steps. Returns the list of evaluation rows."""
+def method_nets(method):
+    nets = [method.G, method.fake, method.real]
+    return nets + [method.target_net] if isinstance(method, DisBack) else nets
+
+# ----------------------------------------------------------------------------
+# Stage 1 (shared by the arms of a seed) and the arms.
+
+def dmd_kwargs(setting, sigma_init):
+    return dict(sigma_init=sigma_init, lr=setting['lr'], fake_lr=setting['fake_lr'], fake_steps=setting['fake_steps'],
+                ema_halflife_kimg=None, max_grad_norm=10)
+
+
+def one_step(method, seed, step, batch):
+    method.step([Round(None, None, StepRandom(seed, step, batch, 'cpu'), 0, batch)], step * batch)
+
+
+def run_stage1(problem, setting, sigma_init, seed, stage1, run_dir, log):
+    """Record a path of N = 8 nodes (distance placement, plateau stop) in run_dir; returns compute and path.json."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
     torch.manual_seed(seed)
-    kwargs = dict(sigma_init=80, lr=opts['lr'], fake_lr=opts['fake_lr'], fake_steps=opts['fake_steps'],
-                  ema_halflife_kimg=None, max_grad_norm=10)
-    teacher = copy.deepcopy(teacher)
-    if method_name == 'dmd':
-        method = DMD(teacher, 'cpu', opts['batch'], **kwargs)
-        nets = [method.G, method.fake, method.real]
-    else:
-        run_dir = os.path.join(workdir, f'{method_name}-seed{seed}')
-        os.makedirs(run_dir, exist_ok=True)
-        nodes = 1 if method_name == 'disback-n1' else opts['nodes']  # ablation: fake from s'_1 ~ p_G0, target the teacher
-        method = DisBack(teacher, 'cpu', opts['batch'], run_dir=run_dir, path_nodes=nodes,
-                         path_steps=opts['stage1_steps'], switch_every=opts['switch_every'], **kwargs)
-        nets = [method.G, method.fake, method.real, method.target_net]
-    counter = PassCounter(nets)
-    z = torch.randn([opts['num'], 3, 8, 8], generator=torch.Generator().manual_seed(123))
-    B = opts['batch']
-    backward = 0
-    rows = []
+    B = setting['batch']
+    method = DisBack(copy.deepcopy(problem.teacher), 'cpu', B, run_dir=run_dir, path_nodes=8,
+                     path_steps=stage1['max_updates'], path_place=stage1['place'], stage1_lr=stage1['lr'],
+                     stage1_stop=stage1['stop'], stage1_window=stage1['window'], stage1_tol=stage1['tol'],
+                     **dmd_kwargs(setting, sigma_init))
+    counter = PassCounter(method_nets(method))
     step = 0
-    t_train = 0.0
+    while method.stage == 1:
+        one_step(method, STAGE1_SEED + seed, step, B)
+        step += 1
+    with open(os.path.join(run_dir, 'path.json')) as f:
+        table = json.load(f)
+    dists = ', '.join(f'{n["to_teacher"]:.3f}' for n in table['nodes'])
+    log(f'  stage 1: {step} updates, {counter.passes / (8 * B):.1f} units, to teacher {dists}; first interval '
+        f'{table["first_interval_share"]:.0%}')
+    return dict(updates=step, compute=counter.passes / (8 * B), path=table)
+
+
+def subset_path(stage1_dir, nodes, out_dir):
+    """A recorded path made of some nodes of another (hard links): path-000 ... path-00M."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    for i, node in enumerate(nodes):
+        os.link(node_path(stage1_dir, node), node_path(out_dir, i))
+
+
+def run_arm(problem, arm, setting, sigma_init, seed, path_dir, switch_every, g_steps, at, log):
+    """Train one arm for g_steps generator steps; FD and mode TV at the generator steps `at` (and 0), with the
+    compute so far."""
+    torch.manual_seed(seed)
+    B = setting['batch']
+    teacher = copy.deepcopy(problem.teacher)
+    if arm == 'dmd':
+        method = DMD(teacher, 'cpu', B, **dmd_kwargs(setting, sigma_init))
+    else:
+        method = DisBack(teacher, 'cpu', B, path=path_dir, switch_every=switch_every, **dmd_kwargs(setting, sigma_init))
+    counter = PassCounter(method_nets(method))
+    rows, step = [], 0
 
     def evaluate():
-        passes = counter.forward
+        counter.on = False
         with torch.no_grad():
-            x = torch.cat([method.generate(method.G, zb, None) for zb in z.split(500)])
-        counter.forward = passes  # evaluation is not training compute
-        m = metrics(gmm, x)
-        rows.append(dict(g_steps=method.num_g_steps, loop_steps=step, compute=(counter.forward + 2 * backward) / (8 * B),
-                         seconds=t_train, fd=m['fd'], mode_tv=m['mode_tv'], precision=m['precision'],
-                         node=getattr(method, 'node', 0), stage=getattr(method, 'stage', 2)))
+            x = torch.cat([method.generate(method.G, z, c) for z, c in
+                           zip(problem.z.split(500), problem.c.split(500) if problem.c is not None else [None] * 99)])
+        counter.on = True
+        rows.append(dict(g_steps=method.num_g_steps, compute=counter.passes / (8 * B), node=getattr(method, 'node', 0),
+                         **problem.metrics(x)))
 
     evaluate()
-    while method.num_g_steps < opts['g_steps']:
-        g_before, stage_before = method.num_g_steps, getattr(method, 'stage', 2)
-        t0 = time.time()
-        method.step([Round(None, None, StepRandom(seed, step, B, 'cpu'), 0, B)], step * B)
-        t_train += time.time() - t0
+    while method.num_g_steps < g_steps:
+        g_before = method.num_g_steps
+        one_step(method, seed, step, B)
         step += 1
-        backward += B * (1 + (method.num_g_steps > g_before))  # fake-score update, plus G's when it was updated
-        if stage_before == 1:
-            if method.stage == 2:  # stage 1 done: G is still G0, but the compute is spent
-                evaluate()
-            continue
-        if method.num_g_steps > g_before and method.num_g_steps % opts['eval_every'] == 0:
+        if method.num_g_steps > g_before and method.num_g_steps in at:
             evaluate()
-            r = rows[-1]
-            log(f'  {method_name:7s} seed {seed}  G steps {r["g_steps"]:4d}  compute {r["compute"]:7.1f}  '
-                f'FD {r["fd"]:8.4f}  mode TV {r["mode_tv"]:.3f}  node {r["node"]}  {t_train:.0f} s')
+    r = rows[-1]
+    fds = ' '.join(f'{x["fd"]:.2f}' for x in rows[::max(len(rows) // 8, 1)])
+    log(f'  {arm:5s} seed {seed}: FD {fds} ... {r["fd"]:.3f}  mode TV {r["mode_tv"]:.3f}  '
+        f'switches {getattr(method, "switches", [])}')
     return rows
 
 # ----------------------------------------------------------------------------
+# Analysis: steps to reach a threshold, bootstrap confidence intervals.
 
-@click.command()
-@click.option('--workdir',      help='Where the teacher, paths and results go', metavar='DIR', type=str, required=True)
-@click.option('--seeds',        help='Training seeds', metavar='LIST', type=str, default='0,1,2', show_default=True)
-@click.option('--g-steps',      help='Generator steps per run', metavar='INT', type=click.IntRange(min=1), default=120, show_default=True)
-@click.option('--batch',        help='Batch size', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
-@click.option('--lr',           help='Generator learning rate', metavar='FLOAT', type=float, default=3e-4, show_default=True)
-@click.option('--fake-lr',      help='Fake-score (and stage-1) learning rate', metavar='FLOAT', type=float, default=1e-3, show_default=True)
-@click.option('--fake-steps',   help='DMD2 two-time-scale rule (both methods)', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True)
-@click.option('--stage1-steps', help='DisBack: K1', metavar='INT', type=click.IntRange(min=1), default=12, show_default=True)
-@click.option('--nodes',        help='DisBack: N', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
-@click.option('--switch-every', help='DisBack: K2 (generator steps)', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
-@click.option('--eval-every',   help='Evaluate every this many generator steps', metavar='INT', type=click.IntRange(min=1), default=20, show_default=True)
-@click.option('--num',          help='Samples per evaluation', metavar='INT', type=click.IntRange(min=2), default=1000, show_default=True)
-@click.option('--fit-steps',    help='Teacher fit (batch 128) when WORKDIR has none', metavar='INT', type=click.IntRange(min=1), default=400, show_default=True)
-@click.option('--methods',      help='dmd, disback, disback-n1 (N = 1: no intermediate targets)', metavar='LIST', type=str, default='dmd,disback,disback-n1', show_default=True)
-def main(workdir, seeds, methods, **opts):
-    """DisBack against DMD on the exact toy problem."""
-    torch.set_num_threads(1)  # the machine's cores are shared: one thread each avoids oversubscription
-    log = lambda s: click.echo(s)
-    teacher, gmm = build_teacher(workdir, opts['fit_steps'], log)
-    floor = exact_floor(gmm, opts['num'])
-    heun = teacher_heun(teacher, gmm, opts['num'])
-    log(f'Exact samples at {opts["num"]}: FD {floor["fd"]:.4f}, mode TV {floor["mode_tv"]:.3f}; '
-        f'teacher Heun-18: FD {heun["fd"]:.4f}, mode TV {heun["mode_tv"]:.3f}')
-    results = dict(options=opts, floor=floor, teacher_heun=heun, runs={})
-    for seed in [int(s) for s in seeds.split(',')]:
-        for name in methods.split(','):
-            results['runs'][f'{name}-{seed}'] = run_arm(name, teacher, gmm, seed, opts, workdir, log)
-            dnnlib.util.atomic_write(os.path.join(workdir, 'results.json'),
-                                     lambda f: f.write(json.dumps(results, indent=1)), mode='w')
-    log(table(results))
+def crossing(rows, limit, key='g_steps'):
+    """The first point where FD <= limit, interpolated linearly in log FD between evaluations (None: never)."""
+    for a, b in zip(rows, rows[1:]):
+        if b['fd'] <= limit:
+            if a['fd'] <= limit:
+                return a[key]
+            t = (math.log(a['fd']) - math.log(limit)) / (math.log(a['fd']) - math.log(b['fd']))
+            return a[key] + t * (b[key] - a[key])
+    return rows[0][key] if rows[0]['fd'] <= limit else None
 
 
-def table(results):
-    """Mean (min-max over seeds) FD and mode TV at each evaluated generator step, per method."""
-    by_method = {}
-    for key, rows in results['runs'].items():
-        by_method.setdefault(key.rsplit('-', 1)[0], []).append(rows)
-    lines = ['| method | G steps | compute (DMD G-steps) | seconds | FD mean (min-max) | mode TV mean (min-max) |',
-             '|---|---|---|---|---|---|']
-    for name, runs in by_method.items():
-        for i in range(min(len(r) for r in runs)):
-            fd = [r[i]['fd'] for r in runs]
-            tv = [r[i]['mode_tv'] for r in runs]
-            lines.append(f'| {name} | {runs[0][i]["g_steps"]} | {np.mean([r[i]["compute"] for r in runs]):.1f} | '
-                         f'{np.mean([r[i]["seconds"] for r in runs]):.0f} | '
-                         f'{np.mean(fd):.3f} ({min(fd):.3f}-{max(fd):.3f}) | {np.mean(tv):.3f} ({min(tv):.3f}-{max(tv):.3f}) |')
+def run_log_fd(rows, key='g_steps', offset=0.0, end=None):
+    """Mean log FD over the run (trapezoids along G steps, or along compute shifted by the stage-1 compute, FD
+    being G0's until then, up to `end`): its difference between two arms is the log of their geometric-mean FD
+    ratio, a convergence summary that no threshold censors."""
+    x = np.array([0.0] + [r[key] + offset for r in rows])
+    f = np.log([rows[0]['fd']] + [r['fd'] for r in rows])
+    end = x[-1] if end is None else end
+    grid = np.union1d(x[x <= end], [end])
+    y = np.interp(grid, x, f)
+    return float(((y[1:] + y[:-1]) / 2 * np.diff(grid)).sum() / end)
+
+
+def threshold(reference):
+    """FD at which the excess FD over exact samples (the finite-count floor, same count) is 2x the teacher's:
+    2 FD_teacher - FD_exact. Raw FD at 1,000 images is mostly floor on the 16x16 problem (teacher 3.31, exact 2.83,
+    G0 at s_init 80 5.79), so 2x the raw FD would be met before training."""
+    return 2 * reference['teacher']['fd'] - reference['exact']['fd']
+
+
+def bootstrap_ci(values, reps=10000, seed=0):
+    """Mean and 95% percentile bootstrap interval of the mean, resampling seeds."""
+    v = np.asarray(values, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(v), size=[reps, len(v)])
+    means = v[idx].mean(axis=1)
+    return float(v.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+# ----------------------------------------------------------------------------
+
+def save_json(path, data):
+    dnnlib.util.atomic_write(path, lambda f: f.write(json.dumps(data, indent=1)), mode='w')
+
+
+def load_json(path, default):
+    if not os.path.isfile(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
+@click.group()
+def cli():
+    """DisBack against DMD on exact toy problems."""
+
+
+COMMON = [
+    click.option('--workdir',   help='Where teachers, paths and results go', metavar='DIR', type=str, required=True),
+    click.option('--problem16', help='toy.py build directory of the conditional 16x16 problem', metavar='DIR', type=str, required=True),
+    click.option('--threads',   help='Torch threads (the cores are shared)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True),
+]
+
+
+def common(f):
+    for option in reversed(COMMON):
+        f = option(f)
+    return f
+
+
+SETTINGS = {  # G lr, fake lr, fake updates per G update, batch: identical for every arm of a setting
+    'main8': dict(lr=3e-4, fake_lr=1e-3, fake_steps=3, batch=16),   # uncond8: DMD diverged at ratio 1 in the pilot
+    'equal8': dict(lr=3e-4, fake_lr=3e-4, fake_steps=3, batch=16),  # equal G and fake lr (DMD2, official code)
+    'main16': dict(lr=2e-4, fake_lr=2e-3, fake_steps=1, batch=16),  # cond16: bench_dmd_toy.py's recipe, batch 16
+}
+
+
+@cli.command()
+@common
+@click.option('--problems',   help='Problems', metavar='LIST', type=str, default='uncond8,cond16', show_default=True)
+@click.option('--sigmas',     help='s_init values', metavar='LIST', type=str, default='80,2.5', show_default=True)
+@click.option('--lrs',        help='Stage-1 learning rates to compare', metavar='LIST', type=str, default='2e-3,2e-4,5e-5', show_default=True)
+@click.option('--max-updates', help='Stage-1 cap', metavar='INT', type=click.IntRange(min=8), default=300, show_default=True)
+@click.option('--dmd-steps',  help='DMD pilot length (G steps)', metavar='INT', type=click.IntRange(min=1), default=300, show_default=True)
+@click.option('--num-eval',   help='Images per evaluation', metavar='INT', type=click.IntRange(min=2), default=1000, show_default=True)
+@click.option('--what',       help='stage1, dmd or both', type=click.Choice(['stage1', 'dmd', 'both']), default='both', show_default=True)
+@click.option('--setting',    help='Setting of the DMD pilot and of stage 1 (its batch)', type=click.Choice(sorted(SETTINGS)), default='main16', show_default=True)
+def pilot(workdir, problem16, threads, problems, sigmas, lrs, max_updates, dmd_steps, num_eval, what, setting):
+    """Stage-1 paths at several learning rates, and DMD's steps to 2x the teacher's excess FD (seed 0)."""
+    torch.set_num_threads(threads)
+    out = os.path.join(workdir, 'pilot.json')
+    result = load_json(out, {})
+    for name in problems.split(','):
+        problem = load_problem(name, workdir, problem16, num_eval)
+        ref = result.setdefault(name, {}).setdefault('reference', problem.teacher_reference())
+        click.echo(f'{name}: teacher FD {ref["teacher"]["fd"]:.3f}, exact {ref["exact"]["fd"]:.3f}')
+        for sigma in [float(s) for s in sigmas.split(',')]:
+            if what in ('stage1', 'both'):
+                for lr in [float(v) for v in lrs.split(',')]:
+                    key = f'stage1/s{sigma:g}/lr{lr:g}'
+                    if key in result[name]:
+                        continue
+                    click.echo(f'{name} s_init {sigma:g} stage-1 lr {lr:g}:')
+                    t0 = time.time()
+                    stage1 = dict(lr=lr, max_updates=max_updates, place='distance', stop='fixed', window=25, tol=0.01)
+                    r = run_stage1(problem, SETTINGS[setting], sigma, 0, stage1, os.path.join(workdir, 'pilot-stage1'), click.echo)
+                    r['seconds'] = time.time() - t0
+                    result[name][key] = r
+                    save_json(out, result)
+            if what in ('dmd', 'both'):
+                key = f'dmd/s{sigma:g}'
+                if key not in result[name]:
+                    click.echo(f'{name} s_init {sigma:g} DMD:')
+                    t0 = time.time()
+                    rows = run_arm(problem, 'dmd', SETTINGS[setting], sigma, 0, None, None, dmd_steps,
+                                   range(10, dmd_steps + 1, 10), click.echo)
+                    result[name][key] = dict(rows=rows, seconds=time.time() - t0,
+                                             steps_2x=crossing(rows, threshold(ref)))
+                    save_json(out, result)
+                click.echo(f'  steps to 2x teacher FD: {result[name][key]["steps_2x"]}, '
+                           f'{result[name][key]["seconds"]:.0f} s')
+
+
+@cli.command()
+@common
+@click.option('--plan',       help='JSON file of the design (see docs/BENCHMARKS.md)', metavar='JSON', type=str, required=True)
+def run(workdir, problem16, threads, plan):
+    """The benchmark: every (problem, setting, s_init, seed) of the plan, stage 1 then the arms."""
+    torch.set_num_threads(threads)
+    with open(plan) as f:
+        plan = json.load(f)
+    out = os.path.join(workdir, 'results.json')
+    results = load_json(out, dict(plan=plan, reference={}, stage1={}, runs={}))
+    t_start = time.time()
+    for block in plan['blocks']:
+        problem = load_problem(block['problem'], workdir, problem16, plan['num_eval'][block['problem']])
+        if block['problem'] not in results['reference']:
+            results['reference'][block['problem']] = problem.teacher_reference()
+            save_json(out, results)
+        setting = SETTINGS[block['setting']]
+        for seed in block['seeds']:  # seed-major: an interrupted bench has fewer seeds of every s_init
+            for sigma in block['sigmas']:
+                base = f'{block["problem"]}/{block["setting"]}/s{sigma:g}/seed{seed}'
+                # Stage 1 depends on the batch, s_init and its own lr only: one per (problem, s_init, seed).
+                stage1_key = f'{block["problem"]}/s{sigma:g}/seed{seed}'
+                stage1_dir = os.path.join(workdir, 'paths', stage1_key.replace('/', '-'))
+                if stage1_key not in results['stage1'] or not os.path.isfile(node_path(stage1_dir, 8)):
+                    click.echo(f'{stage1_key}: stage 1 ({time.time() - t_start:.0f} s)')
+                    r = run_stage1(problem, setting, sigma, seed, plan['stage1'][block['problem']], stage1_dir, click.echo)
+                    results['stage1'][stage1_key] = r
+                    save_json(out, results)
+                for arm in block['arms']:
+                    key = f'{base}/{arm}'
+                    if key in results['runs']:
+                        continue
+                    click.echo(f'{key} ({time.time() - t_start:.0f} s)')
+                    path_dir = None
+                    if ARMS[arm] is not None:
+                        path_dir = os.path.join(workdir, 'subsets', f'{stage1_key.replace("/", "-")}-{arm}')
+                        subset_path(stage1_dir, ARMS[arm], path_dir)
+                    n = len(ARMS[arm]) - 1 if ARMS[arm] else 0
+                    k2 = max(round(block['backtrack_steps'][f'{sigma:g}'] / n), 1) if n > 1 else None
+                    t0 = time.time()
+                    rows = run_arm(problem, arm, setting, sigma, seed, path_dir, k2, plan['g_steps'], plan['eval_at'],
+                                   click.echo)
+                    results['runs'][key] = dict(rows=rows, switch_every=k2, seconds=time.time() - t0,
+                                                stage1_compute=results['stage1'][stage1_key]['compute'] if path_dir else 0.0)
+                    save_json(out, results)
+    click.echo(f'Done in {time.time() - t_start:.0f} s')
+
+
+@cli.command()
+@click.option('--workdir', help='Where results.json is', metavar='DIR', type=str, required=True)
+def report(workdir):
+    """Markdown tables: steps and compute to 2x the teacher's FD (bootstrap CIs), FD and mode TV curves."""
+    results = load_json(os.path.join(workdir, 'results.json'), None)
+    if results is None:
+        raise click.ClickException(f'No results.json in "{workdir}"; run the bench first')
+    click.echo(tables(results))
+
+
+def threshold_cells(runs, dmd, limit):
+    """Table cells of one arm for one threshold: G steps to reach it, the paired difference to DMD, and the compute
+    to reach it including stage 1 (means and 95% bootstrap intervals over the seeds that reached it)."""
+    seeds = sorted(runs)
+    fmt = lambda v, sign='': ('{:' + sign + '.0f} [{:' + sign + '.0f}, {:' + sign + '.0f}]').format(*bootstrap_ci(v))
+    note = lambda v: '' if len(v) == len(seeds) else f' ({len(v)} of {len(seeds)})'
+    steps = {k: crossing(runs[k]['rows'], limit) for k in seeds}
+    reached = [v for v in steps.values() if v is not None]
+    comp = [crossing(runs[k]['rows'], limit, 'compute') + runs[k]['stage1_compute'] for k in seeds if steps[k] is not None]
+    d = [steps[k] - crossing(dmd[k]['rows'], limit) for k in seeds if k in dmd and steps[k] is not None
+         and crossing(dmd[k]['rows'], limit) is not None]
+    return [fmt(reached) + note(reached) if reached else 'not reached',
+            fmt(d, '+') + note(d) if d and runs is not dmd else '-',
+            fmt(comp) + note(comp) if comp else '-']
+
+
+def tables(results):
+    """Per (problem, setting, s_init): stage 1; steps and compute to two FD thresholds, the FD ratio to DMD over the
+    run, the final FD; then the FD and mode TV curves."""
+    groups = {}
+    for key, run in results['runs'].items():
+        problem, setting, sigma, seed, arm = key.split('/')
+        groups.setdefault((problem, setting, sigma), {}).setdefault(arm, {})[seed] = run
+    lines = []
+    for (problem, setting, sigma), arms in groups.items():
+        ref = results['reference'][problem]
+        dmd = arms['dmd']
+        fd0 = next(iter(dmd.values()))['rows'][0]['fd']  # G0: the same for every arm and seed
+        limits = [threshold(ref), ref['exact']['fd'] + (fd0 - ref['exact']['fd']) / 2]
+        s = SETTINGS[setting]
+        stage1 = [v for k, v in results['stage1'].items() if k.startswith(f'{problem}/{sigma}/')]
+        updates = [v['updates'] for v in stage1]
+        lines += [f'### {problem}, s_init {sigma[1:]}, setting {setting}: G lr {s["lr"]:g}, fake lr {s["fake_lr"]:g}, '
+                  f'{s["fake_steps"]} fake updates per G update, batch {s["batch"]}', '',
+                  f'Teacher FD {ref["teacher"]["fd"]:.3f}, exact samples {ref["exact"]["fd"]:.3f}, G0 {fd0:.3f} '
+                  f'({results["plan"]["num_eval"][problem]} images). Thresholds: T2, 2x the teacher\'s excess FD over '
+                  f'exact samples (FD <= {limits[0]:.3f}); Th, half of G0\'s excess FD (FD <= {limits[1]:.3f}). Stage 1 '
+                  f'({len(stage1)} seeds): {np.mean(updates):.0f} updates ({min(updates)}-{max(updates)}), '
+                  f'{np.mean([v["compute"] for v in stage1]):.1f} units of compute; s\'_8 '
+                  f'{np.mean([v["path"]["nodes"][-1]["to_teacher"] for v in stage1]):.4f} from the teacher, s\'_1 at '
+                  f'{np.mean([v["path"]["first_interval_share"] for v in stage1]):.0%} of that.', '',
+                  '| arm | seeds | K2 | G steps to T2 | minus DMD | compute to T2 | G steps to Th | minus DMD | compute to '
+                  'Th | FD over the run / DMD\'s: along G steps; along compute | final FD (min-max) | final mode TV |',
+                  '|---' * 12 + '|']
+        for arm, runs in arms.items():
+            seeds = sorted(runs)
+            ratio = '-'
+            if arm != 'dmd':
+                d = [run_log_fd(runs[k]['rows']) - run_log_fd(dmd[k]['rows']) for k in seeds if k in dmd]
+                c = [run_log_fd(runs[k]['rows'], 'compute', runs[k]['stage1_compute'], dmd[k]['rows'][-1]['compute'])
+                     - run_log_fd(dmd[k]['rows'], 'compute') for k in seeds if k in dmd]
+                ratio = '{:.2f} [{:.2f}, {:.2f}]; {:.2f} [{:.2f}, {:.2f}]'.format(*np.exp(bootstrap_ci(d)),
+                                                                                  *np.exp(bootstrap_ci(c)))
+            final = [np.mean([r['fd'] for r in runs[k]['rows'][-3:]]) for k in seeds]
+            tv = [np.mean([r['mode_tv'] for r in runs[k]['rows'][-3:]]) for k in seeds]
+            cells = [arm, len(seeds), runs[seeds[0]]['switch_every'] or '-', *threshold_cells(runs, dmd, limits[0]),
+                     *threshold_cells(runs, dmd, limits[1]), ratio, f'{np.mean(final):.2f} ({min(final):.2f}-{max(final):.2f})',
+                     f'{np.mean(tv):.3f}']
+            lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
+        steps = [r['g_steps'] for r in next(iter(dmd.values()))['rows']]
+        lines += ['', '| FD (mode TV), mean over seeds, at G steps | ' + ' | '.join(map(str, steps)) + ' |',
+                  '|---' * (len(steps) + 1) + '|']
+        for arm, runs in arms.items():
+            fd = np.mean([[r['fd'] for r in runs[k]['rows']] for k in runs], axis=0)
+            tv = np.mean([[r['mode_tv'] for r in runs[k]['rows']] for k in runs], axis=0)
+            lines.append(f'| {arm} | ' + ' | '.join(f'{a:.2f} ({b:.2f})' for a, b in zip(fd, tv)) + ' |')
+        lines.append('')
     return '\n'.join(lines)
 
 # ----------------------------------------------------------------------------
 
 if __name__ == '__main__':
-    main()
+    cli()

@@ -123,9 +123,12 @@ def build_method(method, config, paths, lpips, device, batch, workdir, lpips_res
             if method == 'dmd' else DMD(teacher, device, batch, dataset=dataset, gan_g_weight=3e-3, fake_steps=2)
         randomize_weights_(dmd.fake, 1)  # a fake score unlike the teacher, so that the first DM gradient is not zero
         return dmd
-    if method == 'disback':  # stage 1: 2 updates (nodes after 0, 1, 2); stage 2: a switch after every G step
-        return DisBack(teacher, device, batch, run_dir=tempfile.mkdtemp(dir=workdir), path_nodes=2, path_steps=2,
-                       switch_every=1)
+    if method == 'disback':  # stage 1 (2 updates) here, as it reads the device at its end; measured: stage 2 on the
+        path = tempfile.mkdtemp(dir=workdir)  # recorded path, a switch after every G step
+        stage1 = DisBack(teacher, device, batch, run_dir=path, path_nodes=2, path_steps=2)
+        for step in range(2):
+            stage1.step(rounds_for(step, dataset, batch, device), step * batch)
+        return DisBack(teacher, device, batch, path=path, switch_every=1)
     if method == 'pd':  # two updates per round: step 3 is in the second round
         return ProgressiveDistillation(teacher, device, batch, dataset, start_steps=8, end_steps=2,
                                        round_kimg=2 * batch / 1000, final_round_kimg=2 * batch / 1000,

@@ -16,7 +16,7 @@ from test_dmd import GaussianDenoiser, teacher_pkl  # noqa: F401 (teacher_pkl: t
 from torch_utils import misc, persistence
 from training import training_loop as loop_module
 from training.batching import Round, StepRandom
-from training.distill.disback import DisBack, node_path
+from training.distill.disback import DisBack, node_path, record_updates, select, thin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MU = torch.tensor([0.3, -0.2, 0.1, 0.5]).reshape(1, 2, 2)  # data N(MU, 0.3^2 I)
@@ -44,14 +44,14 @@ def loaded(path):
     return net
 
 def test_lr_warm_up_restarts_with_stage_two(tmp_path):
-    """lr_rampup_kimg warms up stage 1's auxiliary score, then both networks again from the start of stage 2
-    (whose fake-score optimizer starts afresh)."""
+    """lr_rampup_kimg warms up stage 1's auxiliary score (at a tenth of the fake score's lr by default), then both
+    networks again from the start of stage 2 (whose fake-score optimizer starts afresh)."""
     db = gaussian_disback(run_dir=str(tmp_path), path_nodes=2, path_steps=2, lr_rampup_kimg=0.128, fake_lr=2e-2)
     lrs = []
     for step in range(5):
         one_step(db, step)
         lrs.append((db.opt_G.optimizer.param_groups[0]['lr'], db.opt_fake.optimizer.param_groups[0]['lr']))
-    assert lrs == pytest.approx([(1e-2, 0), (1e-2, 1e-2), (0, 0), (0, 1e-2), (0, 2e-2)])
+    assert lrs == pytest.approx([(1e-2, 0), (1e-2, 1e-3), (0, 0), (0, 1e-2), (0, 2e-2)])
 
 # ----------------------------------------------------------------------------
 # The closed-form problem: Gaussian data, exact teacher, Gaussian fake score, affine generator.
@@ -61,7 +61,8 @@ def test_path_is_monotone_and_backtracking_converges_to_data(tmp_path):
     towards G0's distribution; stage 2 switches the target exactly at generator steps K2, 2 K2, (N-1) K2 (each
     switch changes its weights to the next snapshot, the last to the teacher itself) and converges to the data."""
     N, K1, K2 = 4, 400, 50
-    db = gaussian_disback(run_dir=str(tmp_path), path_nodes=N, path_steps=K1, switch_every=K2, fake_lr=1e-2)
+    db = gaussian_disback(run_dir=str(tmp_path), path_nodes=N, path_steps=K1, switch_every=K2, fake_lr=1e-2,
+                          stage1_lr=1e-2)
     with torch.no_grad():  # G0 away from the data: mean shifted, spread collapsed
         db.G.mean.add_(0.5)
         db.G.log_std.add_(-1.0)
@@ -73,7 +74,7 @@ def test_path_is_monotone_and_backtracking_converges_to_data(tmp_path):
     for step in range(K1):
         one_step(db, step)
     assert db.stage == 2 and misc.checksum(db.G) == g0  # stage 1 leaves G0 alone
-    assert sorted(os.listdir(tmp_path)) == [f'path-{i:03d}.pt' for i in range(N + 1)]
+    assert sorted(os.listdir(tmp_path)) == [f'path-{i:03d}.pt' for i in range(N + 1)] + ['path.json']
     path = [loaded(node_path(tmp_path, i)) for i in range(N + 1)]
     assert misc.checksum(path[0]) == misc.checksum(db.real) and misc.checksum(path[N]) == misc.checksum(db.fake)
     to_g0 = [w2(p.mean, p.log_std.exp(), g0_mean, g0_std) for p in path]
@@ -148,6 +149,190 @@ def test_bad_recorded_paths(tmp_path):
         gaussian_disback(run_dir=str(tmp_path), path_steps=3, path_nodes=4)
 
 # ----------------------------------------------------------------------------
+# Stage-1 controls: the path table, node placement, the plateau stop, a resume that replays the end of stage 1.
+
+def shifted_g0(db):
+    """G0 away from the data (mean shifted, spread collapsed), and the probe drawn again from it."""
+    with torch.no_grad():
+        db.G.mean.add_(0.5)
+        db.G.log_std.add_(-1.0)
+    db.probe = db._make_probe()
+    db.probe_teacher = db._probe_outputs(db.real)
+    return db
+
+
+def run_stage1(db, seed=0):
+    step = 0
+    while db.stage == 1:
+        one_step(db, step, seed)
+        step += 1
+    return step
+
+
+def path_files(nodes):
+    return [f'path-{i:03d}.pt' for i in range(nodes + 1)] + ['path.json']
+
+
+@pytest.mark.parametrize('offsets, place, warning', [
+    ([0, 0.4, 0.7, 1.0], 'even', None),
+    ([0, 0.6, 0.8, 1.0], 'even', "Warning: the recorded path is a jump, not a trajectory: its first interval covers "
+                                 "60% of the distance from the teacher to s'_N; use --path-place=distance or a lower "
+                                 "--stage1-lr"),
+    ([0, 1.2, 0.8, 1.0], 'distance', "Warning: the recorded path is a jump, not a trajectory: its first interval "
+                                     "covers 120% of the distance from the teacher to s'_N; lower --stage1-lr"),
+])
+def test_path_table_of_gaussian_nodes(tmp_path, capsys, offsets, place, warning):
+    """Nodes N(MU + o_i, T^2): D_i - D_j = s^2 / (T^2 + s^2) (o_i - o_j) at every point, so every distance of the
+    table is closed form: |o_i - o_j| c_s per level and |o_i - o_j| sqrt(mean_s c_s^2) over the probe's levels (the
+    midpoints of 4 equal parts of the distribution-matching grid indices [20, 980])."""
+    N = len(offsets) - 1
+    db = gaussian_disback(run_dir=str(tmp_path), path_nodes=N, path_steps=N, path_place=place)
+    for i, o in enumerate(offsets):
+        torch.save(GaussianDenoiser(MU + o, T_DATA).state_dict(), node_path(tmp_path, i))
+    db.fake.load_state_dict(torch.load(node_path(tmp_path, N), weights_only=True))
+    db._write_table([0, 5, 9, 12], 12)
+    table = json.loads((tmp_path / 'path.json').read_text())
+    sigma = db.sigma_grid[[140, 380, 620, 860]].double()
+    assert table['sigmas'] == pytest.approx(sigma.tolist())
+    c = sigma ** 2 / (T_DATA ** 2 + sigma ** 2)
+    total = float(c.square().mean().sqrt())
+    for i, node in enumerate(table['nodes']):
+        assert node['node'] == i and node['update'] == [0, 5, 9, 12][i]
+        assert node['to_teacher_per_sigma'] == pytest.approx((offsets[i] * c).tolist(), rel=1e-5, abs=1e-7)
+        assert node['to_teacher'] == pytest.approx(offsets[i] * total, rel=1e-5, abs=1e-7)
+        if i > 0:
+            assert node['to_prev'] == pytest.approx(abs(offsets[i] - offsets[i - 1]) * total, rel=1e-5)
+        if i < N:
+            assert node['to_next'] == pytest.approx(abs(offsets[i + 1] - offsets[i]) * total, rel=1e-5)
+    assert (table['nodes'][0]['to_prev'], table['nodes'][N]['to_next']) == (None, None)
+    assert table['length'] == pytest.approx(sum(abs(b - a) for a, b in zip(offsets, offsets[1:])) * total, rel=1e-5)
+    assert table['first_interval_share'] == pytest.approx(offsets[1], rel=1e-5)
+    assert table['warning'] == warning
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ['node', 'update', 'to', 'teacher', 'to', 'previous', 'to', 'next']
+    assert out[2 + N].split()[:3] == [str(N), '12', f'{offsets[N] * total:.4f}']
+    assert [line for line in out if line.startswith('Warning')] == ([warning] if warning else [])
+
+
+def test_placement_rules():
+    """Known updates for a fixed K1; among candidates, the nearest to i/N of the way in time order; thinning drops the
+    candidate whose neighbours are closest, never the newest."""
+    assert record_updates('even', 4, 400) == [0, 100, 200, 300, 400]
+    assert record_updates('geometric', 4, 16) == [0, 2, 4, 8, 16]
+    assert record_updates('geometric', 4, 4) == [0, 1, 2, 3, 4]  # strictly increasing, leaving one update per node
+    assert select([0, 1, 2, 3, 4, 5, 6, 7, 8], 4) == [1, 3, 5, 7]
+    assert select([0, 9, 9.5, 10], 3) == [0, 1, 2]  # a jump: every candidate is taken, in time order
+    assert select([0, 1, 3, 4], 2) == [0, 2]  # a tie goes to the earlier candidate
+    assert thin([0, 1, 1.1, 2, 4]) == 1
+    assert thin([float('-inf'), 0.0, 0.7, 1.4, 1.5]) == 2  # geometric: the teacher at -inf is never a close neighbour
+
+
+def test_distance_placement_spreads_what_even_placement_bunches(tmp_path):
+    """At a high stage-1 lr s' covers most of its distance from the teacher in its first updates: evenly spaced
+    updates put s'_1 ... s'_3 at the far end (the table warns); placement by distance puts s'_i near i/N of s'_N's
+    distance, at checks of the probe curve. Only the path and its table are left in the run directory."""
+    tables = {}
+    for place in ['even', 'distance']:
+        os.makedirs(tmp_path / place)
+        db = shifted_g0(gaussian_disback(run_dir=str(tmp_path / place), path_nodes=4, path_steps=400, fake_lr=1e-2,
+                                         stage1_lr=1e-2, path_place=place, stage1_window=20))
+        assert run_stage1(db) == 400
+        assert sorted(os.listdir(tmp_path / place)) == path_files(4)
+        tables[place] = json.loads((tmp_path / place / 'path.json').read_text())
+    even, dist = tables['even'], tables['distance']
+    assert [n['update'] for n in even['nodes']] == [0, 100, 200, 300, 400]
+    assert even['nodes'][1]['to_teacher'] > 0.9 * even['nodes'][4]['to_teacher'] and even['warning'] is not None
+    final = dist['nodes'][4]['to_teacher']
+    checks = {k: d for k, _loss, d in dist['curve']}
+    for i, node in enumerate(dist['nodes'][1:], 1):
+        assert node['to_teacher'] == pytest.approx(checks[node['update']], rel=1e-6)
+        assert abs(node['to_teacher'] / final - i / 4) < 0.1, (i, node)
+    assert dist['first_interval_share'] < 0.3 and dist['warning'] is None
+
+
+def test_plateau_stop(tmp_path):
+    """'plateau': stage 1 ends at the first window end at which the probe loss fell by less than stage1_tol
+    relative to the previous window end, or at K1; s'_N is s' then."""
+    W, tol = 10, 0.02
+    os.makedirs(tmp_path / 'a')
+    os.makedirs(tmp_path / 'b')
+    db = shifted_g0(gaussian_disback(run_dir=str(tmp_path / 'a'), path_nodes=4, path_steps=2000, stage1_lr=2e-3,
+                                     stage1_stop='plateau', stage1_window=W, stage1_tol=tol))
+    steps = run_stage1(db)
+    table = json.loads((tmp_path / 'a' / 'path.json').read_text())
+    ends = [loss for k, loss, _d in table['curve'] if k % W == 0]
+    fell = [b < (1 - tol) * a for a, b in zip(ends, ends[1:])]
+    assert len(ends) >= 4 and fell == [True] * (len(ends) - 2) + [False], ends
+    assert steps == table['stage1_updates'] == table['nodes'][4]['update'] == W * len(ends)
+    assert misc.checksum(db.fake) == misc.checksum(loaded(node_path(tmp_path / 'a', 4)))
+    db = shifted_g0(gaussian_disback(run_dir=str(tmp_path / 'b'), path_nodes=4, path_steps=steps - W // 2,
+                                     stage1_lr=2e-3, stage1_stop='plateau', stage1_window=W, stage1_tol=tol))
+    assert run_stage1(db) == steps - W // 2  # the cap K1 comes first
+
+
+def test_resume_replays_the_end_of_stage_one(tmp_path):
+    """A state saved in stage 1 whose run went on into stage 2 before it stopped: the resumed run replays the end of
+    stage 1, where its chosen candidates are already path nodes and the others deleted, and writes the same path."""
+    kwargs = dict(run_dir=str(tmp_path), path_nodes=3, path_steps=40, stage1_lr=1e-2, path_place='distance',
+                  stage1_window=8)
+    db = shifted_g0(gaussian_disback(**kwargs))
+    for step in range(20):
+        one_step(db, step)
+    state = copy.deepcopy(db.state_dict())
+    for step in range(20, 42):
+        one_step(db, step)
+    assert db.stage == 2 and sorted(os.listdir(tmp_path)) == path_files(3)
+    written = {n: (tmp_path / n).read_bytes() for n in path_files(3)}
+    resumed = shifted_g0(gaussian_disback(**kwargs))
+    resumed.load_state_dict(state)
+    for step in range(20, 42):
+        one_step(resumed, step)
+    assert sorted(os.listdir(tmp_path)) == path_files(3)
+    for n in path_files(3)[:-1]:
+        a, b = (torch.load(x, weights_only=True) for x in (io_bytes(written[n]), tmp_path / n))
+        assert all(torch.equal(a[k], b[k]) for k in a), n
+    assert json.loads(written['path.json']) == json.loads((tmp_path / 'path.json').read_text())
+    for key in ['G', 'fake']:
+        assert all(torch.equal(v, resumed.state_dict()[key][k]) for k, v in db.state_dict()[key].items())
+
+
+def io_bytes(data):
+    import io
+    return io.BytesIO(data)
+
+
+def test_stage1_reads_the_device_only_at_window_ends(tmp_path):
+    """Stage 1 measures s' on the probe at every check (updates 1-3, 4, 8, 16, window ends, K1) but reads the
+    measurements only at window ends and at its end."""
+    from test_precision import CountSyncs
+    db = gaussian_disback(run_dir=str(tmp_path), path_nodes=3, path_steps=30, stage1_window=8)
+    reads = []
+    for step in range(30):
+        with CountSyncs() as counter:
+            one_step(db, step)
+        if counter.calls:
+            reads.append(step + 1)
+    assert reads == [8, 16, 24, 30] and db.stage == 2
+    assert [k for k, _loss, _d in json.loads((tmp_path / 'path.json').read_text())['curve']] == \
+        [1, 2, 3, 4, 8, 16, 24, 30]
+
+
+def test_converged_rule_reads_the_device_only_at_window_ends(tmp_path):
+    """--switch=converged keeps the window's L_DM sum on the device; it is read at the window's end only."""
+    from test_precision import CountSyncs
+    write_path(tmp_path, 3)
+    db = gaussian_disback(path=str(tmp_path), switch_every=2, switch_rule='converged', switch_tol=0.5)
+    reads, ends = [], []
+    for step in range(40):
+        prev, switches = db.window_prev, len(db.switches)
+        with CountSyncs() as counter:
+            one_step(db, step)
+        reads.append(counter.calls)
+        ends.append(db.window_prev != prev or len(db.switches) > switches)
+    assert sum(ends) >= 4 and db.switches
+    assert [bool(r) for r in reads] == ends and all(r == ['__float__'] for r in reads if r)
+
+# ----------------------------------------------------------------------------
 # Through train.py with a tiny EDM teacher: one run records and backtracks; resume is exact in both stages.
 
 # Batch 8: stage 1 is 3 steps (N = 3), then 6 generator steps switching every 2: switches at 2 and 4.
@@ -204,7 +389,8 @@ def test_cli_records_path_backtracks_and_resumes_exactly(teacher_pkl, tmp_path):
     ([], 'needs --teacher'),
     (['--teacher={teacher}', '--path={empty}'], 'path-000.pt ... path-N.pt'),
     (['--teacher={teacher}', '--path={missing}'], 'not a directory'),
-    (['--teacher={teacher}', '--path={empty}', '--path-nodes=2'], 'drop --stage1-kimg'),
+    (['--teacher={teacher}', '--path={empty}', '--path-nodes=2'], 'no stage 1): drop --path-nodes'),
+    (['--teacher={teacher}', '--path={empty}', '--stage1-lr=1e-4', '--path-place=even'], 'drop --stage1-lr, --path-place'),
     (['--teacher={teacher}', '--stage1-kimg=0.01', '--batch=8'], 'fewer than the 4 path intervals'),
 ])
 def test_cli_bad_input_creates_nothing(teacher_pkl, tmp_path, args, message):
@@ -239,8 +425,18 @@ def test_recipe_dry_run(name, tmp_path):
     assert kw['path_nodes'] == 4 and kw['switch_every'] == 1000 and kw['fake_steps'] == 5
     assert kw['path_steps'] == 2000 and kw['path_steps'] * batch < c['total_kimg'] * 1000
     assert kw['ema_halflife_kimg'] is None and kw['fake_lr'] is None and kw['sigma_init'] == 80
+    assert kw['stage1_lr'] == pytest.approx(kw['lr'] / 10) and kw['path_place'] == 'distance'
+    assert (kw['stage1_stop'], kw['stage1_window'], kw['stage1_tol']) == ('fixed', 50, 0.01)
     assert c['run_dir'].endswith(f'disback-{c["teacher"].split("/")[-1][:-4]}-path4-gpus1-batch{batch}-fp32')
     assert not os.listdir(tmp_path)
+
+@pytest.mark.parametrize('args, stage1_lr', [([], 5e-6), (['--fake-lr=1e-3'], 1e-4), (['--stage1-lr=3e-5'], 3e-5)])
+def test_stage1_lr_is_a_tenth_of_the_fake_score_lr_unless_given(tmp_path, args, stage1_lr):
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path}', '--method=disback', '--dry-run', *RECIPES['ffhq64'][:1],
+                                        '--lr=5e-5', *args])
+    assert r.exit_code == 0, r.output
+    c = json.loads(r.output.split('Training options:')[1].split('Output directory:')[0])
+    assert c['method_kwargs']['stage1_lr'] == pytest.approx(stage1_lr)
 
 # ----------------------------------------------------------------------------
 # Two processes (gloo): one run directory, one download, stage 2 reads the path on every rank.

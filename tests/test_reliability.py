@@ -92,6 +92,8 @@ RESUME_CASES = {
              '--reg-loss=l2', '--gan-g=3e-3'], 5, (0, 3)),
     'disback-stage1': (DISBACK, 9, (0, 1)),  # stage 1 is 3 steps
     'disback-stage2': (DISBACK, 9, (3, 7)),
+    'disback-plateau': (['--method=disback', '--teacher={teacher}', *DMD, '--stage1-kimg=0.08', '--path-nodes=3',
+                         '--switch-every=2', '--stage1-stop=plateau', '--stage1-window=2', '--stage1-tol=0.5'], 12, (1, 6)),
     'pd': (['--method=pd', '--teacher={teacher}', '--data={data}', '--cond=1', '--start-steps=8', '--round-kimg=0.016',
             '--final-round-kimg=0.024', '--lr=1e-3'], 8, (0, 4)),  # rounds of 2, 3, 3 steps: a boundary follows
     'guided': (['--method=guided', '--teacher={teacher_ld}', '--data={data}', '--cond=1', '--lr=1e-3'], 4, (0, 2)),
