@@ -19,6 +19,8 @@ from training.batching import Round, StepRandom
 from training.distill.disback import DisBack, node_path, record_updates, select, thin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'bench'))
+from gpu_check import SyncCounter  # noqa: E402 (the host-sync counter of the GPU check)
 MU = torch.tensor([0.3, -0.2, 0.1, 0.5]).reshape(1, 2, 2)  # data N(MU, 0.3^2 I)
 T_DATA = 0.3
 
@@ -304,11 +306,10 @@ def io_bytes(data):
 def test_stage1_reads_the_device_only_at_window_ends(tmp_path):
     """Stage 1 measures s' on the probe at every check (updates 1-3, 4, 8, 16, window ends, K1) but reads the
     measurements only at window ends and at its end."""
-    from test_precision import CountSyncs
     db = gaussian_disback(run_dir=str(tmp_path), path_nodes=3, path_steps=30, stage1_window=8)
     reads = []
     for step in range(30):
-        with CountSyncs() as counter:
+        with SyncCounter('cpu') as counter:
             one_step(db, step)
         if counter.calls:
             reads.append(step + 1)
@@ -319,13 +320,12 @@ def test_stage1_reads_the_device_only_at_window_ends(tmp_path):
 
 def test_converged_rule_reads_the_device_only_at_window_ends(tmp_path):
     """--switch=converged keeps the window's L_DM sum on the device; it is read at the window's end only."""
-    from test_precision import CountSyncs
     write_path(tmp_path, 3)
     db = gaussian_disback(path=str(tmp_path), switch_every=2, switch_rule='converged', switch_tol=0.5)
     reads, ends = [], []
     for step in range(40):
         prev, switches = db.window_prev, len(db.switches)
-        with CountSyncs() as counter:
+        with SyncCounter('cpu') as counter:
             one_step(db, step)
         reads.append(counter.calls)
         ends.append(db.window_prev != prev or len(db.switches) > switches)
