@@ -63,11 +63,18 @@ TINY = dict(  # the same architectures, shrunk for the CPU (16x16: the GAN head 
 # Inputs: a teacher per configuration, labelled images, regression pairs, LPIPS weight files in the official formats.
 
 def make_network(config, seed, **overrides):
-    torch.manual_seed(seed)
-    kwargs = dict(config, **overrides)
-    cls = getattr(networks, kwargs.pop('class_name').rsplit('.', 1)[1])
-    with torch.no_grad():
-        return randomize_weights_(cls(**kwargs), seed).eval().requires_grad_(False)
+    """A randomly initialised network (a copy: each is made once, which takes seconds at ImageNet-64's size)."""
+    key = json.dumps([config, seed, overrides], sort_keys=True)
+    if key not in _networks:
+        torch.manual_seed(seed)
+        kwargs = dict(config, **overrides)
+        cls = getattr(networks, kwargs.pop('class_name').rsplit('.', 1)[1])
+        with torch.no_grad():
+            _networks[key] = randomize_weights_(cls(**kwargs), seed).eval().requires_grad_(False)
+    return copy.deepcopy(_networks[key])
+
+
+_networks = {}
 
 
 def write_inputs(workdir, name, config, device, num_images=64):
@@ -128,7 +135,9 @@ def build_method(method, config, paths, lpips, device, batch, workdir, lpips_res
         stage1 = DisBack(teacher, device, batch, run_dir=path, path_nodes=2, path_steps=2)
         for step in range(2):
             stage1.step(rounds_for(step, dataset, batch, device), step * batch)
-        return DisBack(teacher, device, batch, path=path, switch_every=1)
+        disback = DisBack(teacher, device, batch, path=path, switch_every=1)
+        randomize_weights_(disback.fake, 1)  # s'_N is one tiny update from s'_{N-1}: their difference is rounding noise
+        return disback
     if method == 'pd':  # two updates per round: step 3 is in the second round
         return ProgressiveDistillation(teacher, device, batch, dataset, start_steps=8, end_steps=2,
                                        round_kimg=2 * batch / 1000, final_round_kimg=2 * batch / 1000,
