@@ -297,12 +297,12 @@ def setup_guided(opts, c, ds):
     return f'{name}-guide-{guide}'
 
 
-def setup_disback(opts, c, ds):
+def setup_disback(opts, c, ds, base=setup_dmd, class_name='training.distill.disback.DisBack'):
     from training.distill.disback import recorded_nodes
     if opts.teacher is None:
-        raise click.ClickException('--method=disback needs --teacher=PKL|URL (an EDM network pickle)')
-    desc = setup_dmd(opts, c, ds)  # DisBack is DMD with a moving target: DMD's options and defaults apply
-    c.method_kwargs.class_name = 'training.distill.disback.DisBack'
+        raise click.ClickException(f'--method={opts.method} needs --teacher=PKL|URL (an EDM network pickle)')
+    desc = base(opts, c, ds)  # DisBack is its base (DMD or SiD) with a moving target: the base's options and defaults apply
+    c.method_kwargs.class_name = class_name
     given = lambda name: click.get_current_context().get_parameter_source(name) != click.core.ParameterSource.DEFAULT
     stage1 = ['stage1_kimg', 'path_nodes', 'stage1_lr', 'stage1_stop', 'stage1_window', 'stage1_tol', 'path_place']
     if opts.path is not None:
@@ -362,8 +362,16 @@ def setup_sid(opts, c, ds):
     return f'{name}-a{opts.alpha:g}{"-gan" if opts.gan_g > 0 else ""}'
 
 
+def setup_sid_disback(opts, c, ds):
+    if opts.switch != 'every':
+        raise click.ClickException('--switch=converged watches the generator loss fall, but SiD\'s loss is no measure of '
+                                   'convergence; use --switch=every with --method=sid-disback')
+    return setup_disback(opts, c, ds, base=setup_sid, class_name='training.distill.disback.SiDDisBack')
+
+
 METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=setup_guided, disback=setup_disback,
                sid=setup_sid)
+METHODS['sid-disback'] = setup_sid_disback
 
 # ----------------------------------------------------------------------------
 

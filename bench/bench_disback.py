@@ -41,14 +41,16 @@ import dnnlib  # noqa: E402
 from torch_utils import persistence  # noqa: E402
 from training import samplers, toy  # noqa: E402
 from training.batching import Round, StepRandom  # noqa: E402
-from training.distill.disback import DisBack, node_path  # noqa: E402
+from training.distill.disback import DisBack, SiDDisBack, node_path  # noqa: E402
 from training.distill.dmd import DMD  # noqa: E402
+from training.distill.sid import SiD  # noqa: E402
 from training.networks import EDMPrecond  # noqa: E402
 
 UNCOND8 = dict(img_resolution=8, img_channels=3, num_components=10, seed=0)
 UNCOND8_NET = dict(model_type='SongUNet', model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[],
                    dropout=0)
-ARMS = {'dmd': None, 'init': [0, 8], 'db2': [0, 4, 8], 'db4': [0, 2, 4, 6, 8], 'db8': list(range(9))}  # path nodes
+ARMS = {'dmd': None, 'init': [0, 8], 'db2': [0, 4, 8], 'db4': [0, 2, 4, 6, 8], 'db8': list(range(9)),  # path nodes
+        'sid': None, 'sid-db4': [0, 2, 4, 6, 8]}  # SiD and DisBack on SiD (issue 19), on a path of SiD's own stage 1
 STAGE1_SEED = 1 << 20  # stage 1's random streams: step indices apart from stage 2's
 
 # ----------------------------------------------------------------------------
@@ -107,7 +109,8 @@ def load_problem(name, workdir, problem16, num_eval):
 
 class PassCounter:
     """Images through every hooked network's forward pass, plus 2 per image for the backward of passes that build a
-    graph (grad enabled and the network's parameters require grad)."""
+    graph (grad enabled, and the network's parameters or its input require grad: SiD differentiates through both
+    score networks' inputs)."""
 
     def __init__(self, nets):
         self.passes, self.on = 0, True
@@ -116,13 +119,13 @@ class PassCounter:
 
     def _hook(self, module, inputs, _output):
         if self.on:
-            grad = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+            grad = torch.is_grad_enabled() and (inputs[0].requires_grad or any(p.requires_grad for p in module.parameters()))
             self.passes += inputs[0].shape[0] * (3 if grad else 1)
 
 
 def method_nets(method):
     nets = [method.G, method.fake, method.real]
-    return nets + [method.target_net] if isinstance(method, DisBack) else nets
+    return nets + [method.target_net] if hasattr(method, 'target_net') else nets
 
 # ----------------------------------------------------------------------------
 # Stage 1 (shared by the arms of a seed) and the arms.
@@ -132,20 +135,35 @@ def dmd_kwargs(setting, sigma_init):
                 ema_halflife_kimg=None, max_grad_norm=10)
 
 
+def sid_kwargs(setting, sigma_init):
+    """SiD's own settings (equal G and fake lr, Adam betas (0, 0.999), one fake update per G update), with the DMD
+    arms' batch, clipping and no EMA."""
+    return dict(sigma_init=sigma_init, lr=setting['sid_lr'], fake_lr=setting['sid_lr'], ema_halflife_kimg=None,
+                max_grad_norm=10)
+
+
+def make_method(arm, teacher, setting, sigma_init, **kwargs):
+    """The method of an arm: DMD or SiD, with DisBack's walk on top when given a path or a stage-1 run dir."""
+    sid = arm.startswith('sid')
+    walk = 'path' in kwargs or 'run_dir' in kwargs
+    cls = (SiDDisBack if walk else SiD) if sid else (DisBack if walk else DMD)
+    return cls(teacher, 'cpu', setting['batch'], **(sid_kwargs if sid else dmd_kwargs)(setting, sigma_init), **kwargs)
+
+
 def one_step(method, seed, step, batch):
     method.step([Round(None, None, StepRandom(seed, step, batch, 'cpu'), 0, batch)], step * batch)
 
 
-def run_stage1(problem, setting, sigma_init, seed, stage1, run_dir, log):
-    """Record a path of N = 8 nodes (distance placement, plateau stop) in run_dir; returns compute and path.json."""
+def run_stage1(problem, setting, sigma_init, seed, stage1, run_dir, log, arm='dmd'):
+    """Record a path of N = 8 nodes (distance placement, plateau stop) in run_dir with the base method of `arm`
+    (its fake-score noise levels and optimizer); returns compute and path.json."""
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
     torch.manual_seed(seed)
     B = setting['batch']
-    method = DisBack(copy.deepcopy(problem.teacher), 'cpu', B, run_dir=run_dir, path_nodes=8,
-                     path_steps=stage1['max_updates'], path_place=stage1['place'], stage1_lr=stage1['lr'],
-                     stage1_stop=stage1['stop'], stage1_window=stage1['window'], stage1_tol=stage1['tol'],
-                     **dmd_kwargs(setting, sigma_init))
+    method = make_method(arm, copy.deepcopy(problem.teacher), setting, sigma_init, run_dir=run_dir, path_nodes=8,
+                         path_steps=stage1['max_updates'], path_place=stage1['place'], stage1_lr=stage1['lr'],
+                         stage1_stop=stage1['stop'], stage1_window=stage1['window'], stage1_tol=stage1['tol'])
     counter = PassCounter(method_nets(method))
     step = 0
     while method.stage == 1:
@@ -173,10 +191,8 @@ def run_arm(problem, arm, setting, sigma_init, seed, path_dir, switch_every, g_s
     torch.manual_seed(seed)
     B = setting['batch']
     teacher = copy.deepcopy(problem.teacher)
-    if arm == 'dmd':
-        method = DMD(teacher, 'cpu', B, **dmd_kwargs(setting, sigma_init))
-    else:
-        method = DisBack(teacher, 'cpu', B, path=path_dir, switch_every=switch_every, **dmd_kwargs(setting, sigma_init))
+    walk = dict(path=path_dir, switch_every=switch_every) if path_dir is not None else {}
+    method = make_method(arm, teacher, setting, sigma_init, **walk)
     counter = PassCounter(method_nets(method))
     rows, step = [], 0
 
@@ -273,8 +289,9 @@ def common(f):
     return f
 
 
+SID_LR = 1e-5  # SiD's G and fake lr on uncond8 (its arms only), from the pilot in docs/BENCHMARKS.md
 SETTINGS = {  # G lr, fake lr, fake updates per G update, batch: identical for every arm of a setting
-    'main8': dict(lr=3e-4, fake_lr=1e-3, fake_steps=3, batch=16),   # uncond8: DMD diverged at ratio 1 in the pilot
+    'main8': dict(lr=3e-4, fake_lr=1e-3, fake_steps=3, batch=16, sid_lr=SID_LR),  # uncond8: DMD diverged at ratio 1 in the pilot
     'equal8': dict(lr=3e-4, fake_lr=3e-4, fake_steps=3, batch=16),  # equal G and fake lr (DMD2, official code)
     'main16': dict(lr=2e-4, fake_lr=2e-3, fake_steps=1, batch=16),  # cond16: bench_dmd_toy.py's recipe, batch 16
 }
@@ -346,18 +363,21 @@ def run(workdir, problem16, threads, plan):
         for seed in block['seeds']:  # seed-major: an interrupted bench has fewer seeds of every s_init
             for sigma in block['sigmas']:
                 base = f'{block["problem"]}/{block["setting"]}/s{sigma:g}/seed{seed}'
-                # Stage 1 depends on the batch, s_init and its own lr only: one per (problem, s_init, seed).
-                stage1_key = f'{block["problem"]}/s{sigma:g}/seed{seed}'
-                stage1_dir = os.path.join(workdir, 'paths', stage1_key.replace('/', '-'))
-                if stage1_key not in results['stage1'] or not os.path.isfile(node_path(stage1_dir, 8)):
-                    click.echo(f'{stage1_key}: stage 1 ({time.time() - t_start:.0f} s)')
-                    r = run_stage1(problem, setting, sigma, seed, plan['stage1'][block['problem']], stage1_dir, click.echo)
-                    results['stage1'][stage1_key] = r
-                    save_json(out, results)
                 for arm in block['arms']:
                     key = f'{base}/{arm}'
                     if key in results['runs']:
                         continue
+                    # Stage 1 depends on the base method, batch, s_init and its own lr only: one per (problem, base
+                    # method, s_init, seed), shared by that base's arms.
+                    stage1_key = f'{block["problem"]}/{"sid/" if arm.startswith("sid") else ""}s{sigma:g}/seed{seed}'
+                    stage1_dir = os.path.join(workdir, 'paths', stage1_key.replace('/', '-'))
+                    if ARMS[arm] is not None and (stage1_key not in results['stage1']
+                                                  or not os.path.isfile(node_path(stage1_dir, 8))):
+                        click.echo(f'{stage1_key}: stage 1 ({time.time() - t_start:.0f} s)')
+                        r = run_stage1(problem, setting, sigma, seed, plan['stage1'][block['problem']], stage1_dir,
+                                       click.echo, arm)
+                        results['stage1'][stage1_key] = r
+                        save_json(out, results)
                     click.echo(f'{key} ({time.time() - t_start:.0f} s)')
                     path_dir = None
                     if ARMS[arm] is not None:
@@ -400,6 +420,18 @@ def threshold_cells(runs, dmd, limit):
             fmt(comp) + note(comp) if comp else '-']
 
 
+def stage1_note(results, prefix, label):
+    """One sentence on the stage-1 runs whose key starts with prefix ('' when there are none)."""
+    stage1 = [v for k, v in results['stage1'].items() if k.startswith(prefix)]
+    if not stage1:
+        return ''
+    updates = [v['updates'] for v in stage1]
+    return (f' {label} ({len(stage1)} seeds): {np.mean(updates):.0f} updates ({min(updates)}-{max(updates)}), '
+            f'{np.mean([v["compute"] for v in stage1]):.1f} units of compute; s\'_8 '
+            f'{np.mean([v["path"]["nodes"][-1]["to_teacher"] for v in stage1]):.4f} from the teacher, s\'_1 at '
+            f'{np.mean([v["path"]["first_interval_share"] for v in stage1]):.0%} of that.')
+
+
 def tables(results):
     """Per (problem, setting, s_init): stage 1; steps and compute to two FD thresholds, the FD ratio to DMD over the
     run, the final FD; then the FD and mode TV curves."""
@@ -414,17 +446,15 @@ def tables(results):
         fd0 = next(iter(dmd.values()))['rows'][0]['fd']  # G0: the same for every arm and seed
         limits = [threshold(ref), ref['exact']['fd'] + (fd0 - ref['exact']['fd']) / 2]
         s = SETTINGS[setting]
-        stage1 = [v for k, v in results['stage1'].items() if k.startswith(f'{problem}/{sigma}/')]
-        updates = [v['updates'] for v in stage1]
+        notes = [stage1_note(results, f'{problem}/{base}{sigma}/', label) for base, label in [('', 'Stage 1'),
+                                                                                             ('sid/', 'SiD\'s stage 1')]]
         lines += [f'### {problem}, s_init {sigma[1:]}, setting {setting}: G lr {s["lr"]:g}, fake lr {s["fake_lr"]:g}, '
-                  f'{s["fake_steps"]} fake updates per G update, batch {s["batch"]}', '',
+                  f'{s["fake_steps"]} fake updates per G update, batch {s["batch"]}'
+                  + (f'; SiD arms: G and fake lr {s["sid_lr"]:g}, one fake update per G update' if 'sid' in arms else ''), '',
                   f'Teacher FD {ref["teacher"]["fd"]:.3f}, exact samples {ref["exact"]["fd"]:.3f}, G0 {fd0:.3f} '
                   f'({results["plan"]["num_eval"][problem]} images). Thresholds: T2, 2x the teacher\'s excess FD over '
-                  f'exact samples (FD <= {limits[0]:.3f}); Th, half of G0\'s excess FD (FD <= {limits[1]:.3f}). Stage 1 '
-                  f'({len(stage1)} seeds): {np.mean(updates):.0f} updates ({min(updates)}-{max(updates)}), '
-                  f'{np.mean([v["compute"] for v in stage1]):.1f} units of compute; s\'_8 '
-                  f'{np.mean([v["path"]["nodes"][-1]["to_teacher"] for v in stage1]):.4f} from the teacher, s\'_1 at '
-                  f'{np.mean([v["path"]["first_interval_share"] for v in stage1]):.0%} of that.', '',
+                  f'exact samples (FD <= {limits[0]:.3f}); Th, half of G0\'s excess FD (FD <= {limits[1]:.3f}).'
+                  + ''.join(notes), '',
                   '| arm | seeds | K2 | G steps to T2 | minus DMD | compute to T2 | G steps to Th | minus DMD | compute to '
                   'Th | FD over the run / DMD\'s: along G steps; along compute | final FD (min-max) | final mode TV |',
                   '|---' * 12 + '|']

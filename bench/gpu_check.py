@@ -4,11 +4,11 @@
     python bench/gpu_check.py --device=cpu --tiny           # the same checks on tiny networks (tests/test_precision.py)
 
 Part 1, in one process, for each method (edm, dmd with pairs and LPIPS, dmd with the GAN head, disback through its
-stage switch, pd across a round boundary, guided, kd, sid with SiDA's GAN term), each configuration (CIFAR-10
-DDPM++ cond 32x32; ImageNet-64 ADM cond with use_fp16=True) and each precision (fp32, bf16, fp16): a few training
-steps with images/s, peak GPU memory, host syncs inside the steps (CUDA's sync debug mode) and the first step's
-gradient difference from fp32 (relative L2 over every updated network, same weights, same random streams, nothing
-applied).
+stage switch, pd across a round boundary, guided, kd, sid with SiDA's GAN term, sid-disback through its stage
+switch), each configuration (CIFAR-10 DDPM++ cond 32x32; ImageNet-64 ADM cond with use_fp16=True) and each
+precision (fp32, bf16, fp16): a few training steps with images/s, peak GPU memory, host syncs inside the steps
+(CUDA's sync debug mode) and the first step's gradient difference from fp32 (relative L2 over every updated network,
+same weights, same random streams, nothing applied).
 Part 2, the command lines: `torchrun --nproc_per_node=1 train.py --method=dmd` (pairs, LPIPS, GAN head) stopped by
 SIGTERM and resumed, the same with 2 processes when two GPUs exist (equal to 1 process), then generate.py and fid.py
 (pixel detector) on the result. Part 3 (CUDA only): DMD step time and peak memory at the official per-GPU batches
@@ -47,7 +47,7 @@ from training.dataset import ImageFolderDataset  # noqa: E402
 from training.distill import kd  # noqa: E402
 
 PRECISIONS = ['fp32', 'bf16', 'fp16']
-METHODS = ['edm', 'dmd', 'dmd-gan', 'disback', 'pd', 'guided', 'kd', 'sid']
+METHODS = ['edm', 'dmd', 'dmd-gan', 'disback', 'pd', 'guided', 'kd', 'sid', 'sid-disback']
 GRAD_TOL = dict(fp32=0, bf16=0.15, fp16=0.05)  # relative L2 error of the first step's gradient against fp32
 
 # Dropout 0: the first-step gradients of two precisions then differ by precision alone (same weights, same streams).
@@ -110,7 +110,7 @@ def write_lpips_weights(workdir):
 # Part 1: every method, configuration and precision in one process.
 
 def build_method(method, config, paths, lpips, device, batch, workdir, lpips_resolution):
-    from training.distill.disback import DisBack
+    from training.distill.disback import DisBack, SiDDisBack
     from training.distill.dmd import DMD
     from training.distill.guided import GuidedDistillation
     from training.distill.progressive import ProgressiveDistillation
@@ -130,14 +130,15 @@ def build_method(method, config, paths, lpips, device, batch, workdir, lpips_res
             if method == 'dmd' else DMD(teacher, device, batch, dataset=dataset, gan_g_weight=3e-3, fake_steps=2)
         randomize_weights_(dmd.fake, 1)  # a fake score unlike the teacher, so that the first DM gradient is not zero
         return dmd
-    if method == 'disback':  # stage 1 (2 updates) here, as it reads the device at its end; measured: stage 2 on the
-        path = tempfile.mkdtemp(dir=workdir)  # recorded path, a switch after every G step
-        stage1 = DisBack(teacher, device, batch, run_dir=path, path_nodes=2, path_steps=2)
+    if method in ('disback', 'sid-disback'):  # stage 1 (2 updates) here, as it reads the device at its end; measured:
+        cls = DisBack if method == 'disback' else SiDDisBack  # stage 2 on the recorded path, a switch every G step
+        path = tempfile.mkdtemp(dir=workdir)
+        stage1 = cls(teacher, device, batch, run_dir=path, path_nodes=2, path_steps=2)
         for step in range(2):
             stage1.step(rounds_for(step, dataset, batch, device), step * batch)
-        disback = DisBack(teacher, device, batch, path=path, switch_every=1)
-        randomize_weights_(disback.fake, 1)  # s'_N is one tiny update from s'_{N-1}: their difference is rounding noise
-        return disback
+        method = cls(teacher, device, batch, path=path, switch_every=1)
+        randomize_weights_(method.fake, 1)  # s'_2 is about s'_1 (a tiny stage 1): a first gradient far from zero
+        return method
     if method == 'pd':  # two updates per round: step 3 is in the second round
         return ProgressiveDistillation(teacher, device, batch, dataset, start_steps=8, end_steps=2,
                                        round_kimg=2 * batch / 1000, final_round_kimg=2 * batch / 1000,
@@ -237,7 +238,7 @@ def check_cell(method_name, config_name, precision, ctx, reference):
         nonfinite = sum(v.get('nonfinite', 0) for k, v in stats.items() if k.startswith('Loss/'))
         finite = all(torch.isfinite(p).all() for net in method.networks().values() for p in net.parameters())
         extra = ''
-        if method_name == 'disback' and not method.switches:
+        if method_name in ('disback', 'sid-disback') and not method.switches:
             extra = 'no stage-2 switch'
         if method_name == 'pd' and method.round < 1:
             extra = 'no round boundary'

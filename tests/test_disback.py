@@ -350,18 +350,24 @@ def run(outdir, teacher, duration_steps, *args, resume=False):
     return torch.load(loop_module.find_latest_state(str(outdir)), weights_only=True)['method']
 
 
+def path_checksums(teacher_pkl, run_dir, N):
+    """Checksums of s'_0 ... s'_N loaded strictly into the teacher's network (plain state dicts), and the teacher."""
+    with open(teacher_pkl, 'rb') as f:
+        teacher = persistence.load(f)['ema']
+    sums = []
+    for i in range(N + 1):
+        net = copy.deepcopy(teacher)
+        net.load_state_dict(torch.load(node_path(run_dir, i), weights_only=True), strict=True)
+        sums.append(misc.checksum(net))
+    return sums, teacher
+
+
 def test_cli_records_path_backtracks_and_resumes_exactly(teacher_pkl, tmp_path):
     full = run(tmp_path / 'full', teacher_pkl, 9)
     assert full['stage'] == 2 and full['stage1_done'] == 3 and full['num_g_steps'] == 6
     assert full['switches'] == [2, 4] and full['node'] == 0
     # The path: N+1 plain state dicts that load strictly into the teacher's network, s'_0 = the teacher.
-    with open(teacher_pkl, 'rb') as f:
-        teacher = persistence.load(f)['ema']
-    sums = []
-    for i in range(4):
-        net = copy.deepcopy(teacher)
-        net.load_state_dict(torch.load(node_path(tmp_path / 'full', i), weights_only=True), strict=True)
-        sums.append(misc.checksum(net))
+    sums, teacher = path_checksums(teacher_pkl, tmp_path / 'full', 3)
     assert sums[0] == misc.checksum(teacher) and len(set(sums)) == 4
 
     # Stop in stage 1 (after 2 steps), resume into stage 2 on s'_1 (after 5 steps), resume to the end.

@@ -84,6 +84,8 @@ COMMON = ['--batch=8', '--tick=0.008', '--snap=1000', '--dump=1000', '--workers=
 EDM_NET = ['--arch=ddpmpp', '--cbase=16', '--cres=1', '--lr-rampup=0']
 DMD = ['--sigma-init=80', '--lr=1e-4', '--fake-steps=2']
 DISBACK = ['--method=disback', '--teacher={teacher}', *DMD, '--stage1-kimg=0.024', '--path-nodes=3', '--switch-every=2']
+SID_DISBACK = ['--method=sid-disback', '--teacher={teacher}', '--lr=1e-4', '--stage1-kimg=0.024', '--path-nodes=3',
+               '--switch-every=2']
 
 # name: (options, total steps, range of the step during which SIGTERM arrives)
 RESUME_CASES = {
@@ -100,6 +102,8 @@ RESUME_CASES = {
     'kd': (['--method=kd', '--teacher={teacher_kd}', '--data={data}', '--cond=1', '--kd-variant=base', '--augment=0',
             '--lr=1e-3'], 4, (0, 2)),
     'sid': (['--method=sid', '--teacher={teacher}', '--data={data}', '--cond=1', '--lr=1e-4', '--gan-g=1e-4'], 5, (0, 3)),
+    'sid-disback-stage1': (SID_DISBACK, 9, (0, 1)),  # stage 1 is 3 steps
+    'sid-disback-stage2': (SID_DISBACK, 9, (3, 7)),
 }
 
 

@@ -66,15 +66,20 @@ def test_generator_gradient_flows_through_x_and_both_score_inputs(retargeted):
     sigma = karras_sigma(1 - 0.8 * r.rand('sid_t'), 0.002, 80.0, 7.0)
     assert sigma.min() >= 0.002 and sigma.max() <= (0.8 * 80 ** (1 / 7) + 0.2 * 0.002 ** (1 / 7)) ** 7 <= 24.5
     assert sigma.max() > 20 and sigma.min() < 0.01  # the whole range is drawn
+    torch.testing.assert_close(x.grad, expected_gradient(real, sid.fake, x, r, 1.2), rtol=1e-4, atol=1e-6)
+
+
+def expected_gradient(real, fake, x, r, alpha):
+    """The closed form dL/dx of the test above for Gaussian real and fake denoisers, on the draws of round r."""
+    sigma = karras_sigma(1 - 0.8 * r.rand('sid_t'), 0.002, 80.0, 7.0)
     s = sigma.view(-1, 1, 1, 1)
     with torch.no_grad():
-        x_t = x + s * r.randn('sid_n', 1, 2, 2)
-        y_r, y_f = real(x_t, sigma), sid.fake(x_t, sigma)
-        k_r, k_f = k_of(real, s), k_of(sid.fake, s)
+        x_t = x + s * r.randn('sid_n', *x.shape[1:])
+        y_r, y_f = real(x_t, sigma), fake(x_t, sigma)
+        k_r, k_f = k_of(real, s), k_of(fake, s)
         delta, R, D = y_r - y_f, y_r - x, k_r - k_f
         w = (x - y_r).abs().mean(dim=[1, 2, 3], keepdim=True)
-        expected = (D * (R - 1.2 * delta) + delta * (k_r - 1 - 1.2 * D)) / w
-    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=1e-6)
+        return (D * (R - alpha * delta) + delta * (k_r - 1 - alpha * D)) / w
 
 
 def fisher(g, c, m, s_d, sigma):

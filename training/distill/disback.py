@@ -17,6 +17,7 @@ whose neighbours are closest goes); at the end s'_i is the candidate nearest to 
 deleted. A resume replays stage 1 from its last state and makes the same choices.
 
 The stage logic is the mixin `Backtracking`, so that it composes with any DMD-like base class; see its docstring.
+`SiDDisBack` is DisBack on SiD: the walk replaces SiD's real score f_phi as it replaces DMD's mu_real.
 """
 
 import copy
@@ -30,6 +31,7 @@ import torch
 import dnnlib
 from torch_utils import distributed, misc, training_stats
 from training.distill.dmd import DMD
+from training.distill.sid import SiD
 
 PROBE_NUM = 32      # G0 samples of the probe on which stage 1 measures losses and distances
 PROBE_LEVELS = 4    # its noise levels: the midpoints of 4 equal parts of the distribution-matching index range
@@ -445,3 +447,16 @@ class Backtracking:
 
 class DisBack(Backtracking, DMD):
     """DisBack on DMD (with DMD2's options)."""
+
+
+class SiDDisBack(Backtracking, SiD):
+    """DisBack on SiD: the target walk is SiD's real score f_phi (in y_r and in the normalisation w). Only the 'every'
+    switch rule: SiD's generator loss is no measure of convergence (with an exact fake score its expectation is
+    (1 - alpha) times the score distance between G and the target, negative and rising to 0 as G converges when
+    alpha > 1, zero throughout at alpha = 1), so the relative fall that 'converged' waits for is not a plateau test."""
+
+    def __init__(self, *args, switch_rule='every', seed=None, **kwargs):  # seed: given by the loop; SiD has no pairs
+        if switch_rule != 'every':
+            raise ValueError(f'switch_rule "{switch_rule}" watches the generator loss fall, but SiD\'s loss is no measure '
+                             f'of convergence; use switch_rule "every" with SiD')
+        super().__init__(*args, switch_rule=switch_rule, **kwargs)
