@@ -434,6 +434,28 @@ def print_table(rows):
         print('  '.join(str(x).ljust(w) for x, w in zip(line, widths)), flush=True)
 
 
+def check_command_lines(ctx):
+    """Part 2's rows: train.py with 1 (and 2) processes, their agreement, generate.py and fid.py on the result."""
+    device, rows, states = ctx['device'], [], {}
+    for nproc in [1, 2] if device.type == 'cpu' or torch.cuda.device_count() >= 2 else [1]:
+        try:
+            row, run_dir, states[nproc] = check_cli(ctx, nproc)
+            rows.append(row)
+        except Exception as e:
+            rows.append(fail_row(e, part='2', method=f'train.py dmd x{nproc}', config='cifar10', precision='default'))
+    if len(states) == 2:  # world-size invariance: the same weights from 1 and 2 processes
+        a, b = (torch.cat([v.double().flatten() for v in s['method']['G'].values()]) for s in (states[1], states[2]))
+        diff = ((a - b).norm() / a.norm()).item()  # all of G: a single small bias can differ more (Adam's sign-like steps)
+        rows.append(dict(part='2', method='1 vs 2 processes, G', config='cifar10', precision='default', grad_diff=diff,
+                         result='pass' if diff < 1e-4 else 'FAIL'))
+    if 1 in states:
+        try:
+            rows.append(check_generate_fid(ctx, os.path.join(ctx['workdir'], 'cli-1')))
+        except Exception as e:
+            rows.append(fail_row(e, part='2', method='generate.py + fid.py', config='cifar10', precision='auto'))
+    return rows
+
+
 @click.command()
 @click.option('--device', help='Device  [default: cuda]', type=click.Choice(['cpu', 'cuda']), default='cuda')
 @click.option('--tiny', help='Tiny networks (the CPU rehearsal)', is_flag=True)
@@ -462,31 +484,19 @@ def main(device, tiny, batch, steps, methods, workdir, json_path):
     ctx = dict(device=device, batch=batch, steps=steps, workdir=workdir, configs=configs, lpips=write_lpips_weights(workdir),
                lpips_resolution=32 if tiny else 224,
                inputs={name: write_inputs(workdir, name, config, device) for name, config in configs.items()})
-    if device.type == 'cpu':  # the CPU rehearsal: one process (one thread) per configuration
-        with multiprocessing.get_context('fork').Pool(len(configs)) as pool:
-            parts = pool.starmap(check_config, [(name, methods, ctx) for name in configs])
+    pool = None
+    if device.type == 'cpu':  # the CPU rehearsal: part 1 in one process (one thread) per configuration, beside part 2
+        pool = multiprocessing.get_context('fork').Pool(len(configs))
+        pending = pool.starmap_async(check_config, [(name, methods, ctx) for name in configs])
     else:
-        parts = [check_config(name, methods, ctx) for name in configs]
-    rows = [row for part in parts for row in part]
+        rows = [row for name in configs for row in check_config(name, methods, ctx)]
     t1 = time.perf_counter()
-    states = {}
-    for nproc in [1, 2] if device.type == 'cpu' or torch.cuda.device_count() >= 2 else [1]:
-        try:
-            row, run_dir, states[nproc] = check_cli(ctx, nproc)
-            rows.append(row)
-        except Exception as e:
-            rows.append(fail_row(e, part='2', method=f'train.py dmd x{nproc}', config='cifar10', precision='default'))
-    if len(states) == 2:  # world-size invariance: the same weights from 1 and 2 processes
-        a, b = (torch.cat([v.double().flatten() for v in s['method']['G'].values()]) for s in (states[1], states[2]))
-        diff = ((a - b).norm() / a.norm()).item()  # all of G: a single small bias can differ more (Adam's sign-like steps)
-        rows.append(dict(part='2', method='1 vs 2 processes, G', config='cifar10', precision='default', grad_diff=diff,
-                         result='pass' if diff < 1e-4 else 'FAIL'))
-    if 1 in states:
-        try:
-            rows.append(check_generate_fid(ctx, os.path.join(workdir, 'cli-1')))
-        except Exception as e:
-            rows.append(fail_row(e, part='2', method='generate.py + fid.py', config='cifar10', precision='auto'))
+    rows2 = check_command_lines(ctx)
     t2 = time.perf_counter()
+    if pool is not None:
+        rows = [row for part in pending.get() for row in part]
+        pool.close()
+    rows += rows2
     if device.type == 'cuda' and not tiny:
         for config_name, b in [('imagenet64', 35), ('cifar10', 49)]:
             for precision, tf32 in [('bf16', False), ('fp32', False), ('fp32', True)]:
@@ -494,7 +504,7 @@ def main(device, tiny, batch, steps, methods, workdir, json_path):
         rows += sampling_speed(ctx)
     rows = [{k: v for k, v in r.items() if k != 'options'} for r in rows]
     print_table(rows)
-    print(f'Total time: {time.perf_counter() - t0:.0f} s (inputs and part 1 {t1 - t0:.0f} s, part 2 {t2 - t1:.0f} s)', flush=True)
+    print(f'Total time: {time.perf_counter() - t0:.0f} s (part 2 {t2 - t1:.0f} s' + (', beside part 1)' if pool else ')'), flush=True)
     if json_path:
         with open(json_path, 'w') as f:
             json.dump(rows, f, indent=1)
