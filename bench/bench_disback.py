@@ -2,7 +2,8 @@
 
     python toy.py build --outdir=/tmp/edb18/toy16                                # the conditional 16x16 default
     OMP_NUM_THREADS=1 python bench/bench_disback.py pilot --workdir=/tmp/edb18 --problem16=/tmp/edb18/toy16
-    OMP_NUM_THREADS=1 nohup python bench/bench_disback.py run --workdir=/tmp/edb18 --problem16=/tmp/edb18/toy16 &
+    OMP_NUM_THREADS=1 nohup python bench/bench_disback.py run --workdir=/tmp/edb18 --problem16=/tmp/edb18/toy16 \
+        --plan=bench/bench_disback_plan.json &
     python bench/bench_disback.py report --workdir=/tmp/edb18                    # markdown tables from results.json
 
 Problems: `uncond8`, an unconditional 8x8x3 mixture of 10 components whose small SongUNet teacher is fitted here
@@ -13,7 +14,9 @@ number of generator steps with the same optimiser, update ratio, batch, learning
 `dmd`; `init`, DMD whose fake score starts from s'_N (the initialisation effect alone: the path {s'_0, s'_N});
 `db2`, `db4`, `db8`, DisBack on the nodes {0, 4, 8}, {0, 2, 4, 6, 8} and all 9 of the recorded path (distance
 placement picks the N = 4 and N = 2 nodes at the same targets, i/N of the distance), switching every K2 generator
-steps with N*K2 about a third of the steps DMD needs to reach 2x the teacher's FD (the pilot's).
+steps with N*K2 about a third of the steps DMD needs to reach 2x the teacher's FD (the pilot's). SiD arms (issue
+19): `sid` and `sid-db4` (DisBack on SiD, on a path recorded by SiD's own stage 1), beside the DMD arms of the same
+problem, s_init and seeds.
 
 Measured every few generator steps on fixed latents (balanced classes for cond16): pixel FD against the exact
 mixture and mode-coverage TV (training/toy.py). Compute is counted in network evaluations, not seconds (the machine
