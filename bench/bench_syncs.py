@@ -1,6 +1,6 @@
 """Calls that make the host wait for the device, per training step (DMD, DMD with the GAN head, EDM), counted on the
 CPU by name (`.item()`, `.tolist()`, `bool(t)`, boolean-mask indexing, ...: what would wait on CUDA) with the
-same rule as bench/gpu_check.py's SyncCounter. Self-contained, so it also runs against an older checkout:
+counter of bench/gpu_check.py (bench/sync_counter.py, torch only, so it also runs against an older checkout):
 
     python bench/bench_syncs.py .
     git worktree add /tmp/old 53d2c4f && python bench/bench_syncs.py /tmp/old
@@ -16,6 +16,7 @@ import torch
 
 root = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else '.')
 sys.path.insert(0, root)
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # this checkout's sync_counter.py, after the code counted
 os.chdir(root)
 torch.set_num_threads(1)
 
@@ -25,36 +26,7 @@ from training.dataset import ImageFolderDataset  # noqa: E402
 from training.distill.dmd import DMD  # noqa: E402
 from training.networks import EDMPrecond  # noqa: E402
 from training.teacher import EDM  # noqa: E402
-
-NAMES = ['item', 'tolist', '__bool__', '__float__', '__int__', 'numpy', 'nonzero', '__format__', '__repr__']
-
-
-class Counter:
-    """Counts the calls named above, and boolean-mask indexing, inside the block."""
-
-    def __enter__(self):
-        self.calls = []
-        self.saved = {name: getattr(torch.Tensor, name) for name in [*NAMES, '__getitem__']}
-        for name in NAMES:
-            setattr(torch.Tensor, name, self._counting(name, self.saved[name]))
-        getitem = self.saved['__getitem__']
-
-        def masked_getitem(t, idx):
-            if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
-                self.calls.append('bool index')
-            return getitem(t, idx)
-        torch.Tensor.__getitem__ = masked_getitem
-        return self
-
-    def _counting(self, name, fn):
-        def wrapper(*args, **kwargs):
-            self.calls.append(name)
-            return fn(*args, **kwargs)
-        return wrapper
-
-    def __exit__(self, *exc):
-        for name, fn in self.saved.items():
-            setattr(torch.Tensor, name, fn)
+from sync_counter import SyncCounter  # noqa: E402
 
 
 def main():
@@ -81,7 +53,7 @@ def main():
     for name, make in methods.items():
         method = make()
         method.step(rounds(0), 0)  # the first step creates optimizer states
-        with Counter() as counter:
+        with SyncCounter('cpu') as counter:
             method.step(rounds(1), 4)
         print(f'{name}: {len(counter.calls)} calls per step {dict(collections.Counter(counter.calls))}')
 

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
 import click
 import numpy as np
@@ -39,6 +38,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench_networks import randomize_weights_  # noqa: E402
+from sync_counter import SyncCounter  # noqa: E402
 from dataset_tool import save_dataset  # noqa: E402
 from torch_utils import training_stats  # noqa: E402
 from training import networks, optim  # noqa: E402
@@ -263,53 +263,6 @@ def check_config(config_name, methods, ctx):
 def fail_row(e, **row):
     return dict(row, result=f'FAIL ({type(e).__name__}: {str(e).splitlines()[0][:80]})')
 
-
-class SyncCounter:
-    """Host-device synchronisations inside the block. CUDA: its sync debug mode warns on each. CPU, where nothing
-    waits: the calls that would wait on CUDA (a value read on the host, a data-dependent shape), counted by name."""
-    NAMES = ['item', 'tolist', '__bool__', '__float__', '__int__', 'numpy', 'nonzero', '__format__', '__repr__']
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.calls = []
-
-    @property
-    def count(self):
-        return len(self.calls)
-
-    def __enter__(self):
-        if self.device.type == 'cuda':
-            self._warnings = warnings.catch_warnings(record=True)
-            self._log = self._warnings.__enter__()
-            warnings.simplefilter('always')
-            torch.cuda.set_sync_debug_mode('warn')
-            return self
-        self._saved = {name: getattr(torch.Tensor, name) for name in [*self.NAMES, '__getitem__']}
-        for name in self.NAMES:
-            setattr(torch.Tensor, name, self._counting(name, self._saved[name]))
-        getitem = self._saved['__getitem__']
-
-        def masked_getitem(t, idx):  # boolean-mask indexing: the result's shape depends on the data
-            if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
-                self.calls.append('bool index')
-            return getitem(t, idx)
-        torch.Tensor.__getitem__ = masked_getitem
-        return self
-
-    def _counting(self, name, fn):
-        def wrapper(*args, **kwargs):
-            self.calls.append(name)
-            return fn(*args, **kwargs)
-        return wrapper
-
-    def __exit__(self, *exc):
-        if self.device.type == 'cuda':
-            torch.cuda.set_sync_debug_mode('default')
-            self._warnings.__exit__(*exc)
-            self.calls = [str(w.message) for w in self._log if 'synchroniz' in str(w.message)]
-            return
-        for name, fn in self._saved.items():
-            setattr(torch.Tensor, name, fn)
 
 # ----------------------------------------------------------------------------
 # Part 2: the command lines under torchrun.

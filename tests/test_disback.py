@@ -20,7 +20,8 @@ from training.distill.disback import DisBack, node_path, record_updates, select,
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'bench'))
-from gpu_check import SyncCounter  # noqa: E402 (the host-sync counter of the GPU check)
+from sync_counter import SyncCounter  # noqa: E402 (the host-sync counter of the GPU check)
+
 MU = torch.tensor([0.3, -0.2, 0.1, 0.5]).reshape(1, 2, 2)  # data N(MU, 0.3^2 I)
 T_DATA = 0.3
 
