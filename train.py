@@ -369,9 +369,8 @@ def setup_sid_disback(opts, c, ds):
     return setup_disback(opts, c, ds, base=setup_sid, class_name='training.distill.disback.SiDDisBack')
 
 
-METHODS = dict(edm=setup_edm, dmd=setup_dmd, kd=setup_kd, pd=setup_pd, guided=setup_guided, disback=setup_disback,
-               sid=setup_sid)
-METHODS['sid-disback'] = setup_sid_disback
+METHODS = {'edm': setup_edm, 'dmd': setup_dmd, 'kd': setup_kd, 'pd': setup_pd, 'guided': setup_guided,
+           'disback': setup_disback, 'sid': setup_sid, 'sid-disback': setup_sid_disback}
 
 # ----------------------------------------------------------------------------
 

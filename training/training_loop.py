@@ -211,8 +211,7 @@ def _training_loop(
         extra['transfer'] = load(transfer)
     if dataset is not None:
         extra['dataset'] = dataset
-    params = inspect.signature(dnnlib.util.get_obj_by_name(method_kwargs['class_name'])).parameters
-    takes = lambda name: name in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    takes = lambda name: _accepts(dnnlib.util.get_obj_by_name(method_kwargs['class_name']), name)
     if takes('run_dir'):
         extra['run_dir'] = run_dir  # for methods that write files of their own (DisBack's recorded path)
     if takes('seed'):
@@ -371,6 +370,19 @@ def _training_loop(
     return True
 
 # ----------------------------------------------------------------------------
+
+def _accepts(cls, name):
+    """Whether constructing cls takes the keyword `name`: some __init__ along the MRO names it before one that
+    forwards no **kwargs (a mixin's **kwargs pass on to the next class, which may not take it)."""
+    for c in cls.__mro__:
+        if '__init__' in c.__dict__:
+            params = inspect.signature(c.__init__).parameters
+            if name in params:
+                return True
+            if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+                return False
+    return False
+
 
 def _tick_fields(health, cur_nimg, total_kimg, sec_per_kimg):
     """The tick line's tail: the method's losses (Loss/* means over all ranks since the last tick, from the tick's

@@ -455,7 +455,7 @@ class SiDDisBack(Backtracking, SiD):
     (1 - alpha) times the score distance between G and the target, negative and rising to 0 as G converges when
     alpha > 1, zero throughout at alpha = 1), so the relative fall that 'converged' waits for is not a plateau test."""
 
-    def __init__(self, *args, switch_rule='every', seed=None, **kwargs):  # seed: given by the loop; SiD has no pairs
+    def __init__(self, *args, switch_rule='every', **kwargs):
         if switch_rule != 'every':
             raise ValueError(f'switch_rule "{switch_rule}" watches the generator loss fall, but SiD\'s loss is no measure '
                              f'of convergence; use switch_rule "every" with SiD')
