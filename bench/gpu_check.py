@@ -3,9 +3,9 @@
     python bench/gpu_check.py                               # a CUDA machine: the official network configurations
     python bench/gpu_check.py --device=cpu --tiny           # the same checks on tiny networks (tests/test_precision.py)
 
-Part 1, in one process, for each method (edm, dmd with pairs and LPIPS, dmd with the GAN head, disback through its
-stage switch, pd across a round boundary, guided, kd, sid with SiDA's GAN term, sid-disback through its stage
-switch), each configuration (CIFAR-10 DDPM++ cond 32x32; ImageNet-64 ADM cond with use_fp16=True) and each
+Part 1, in one process (on the CPU: one per configuration, beside part 2), for each method (edm, dmd with pairs
+and LPIPS, dmd with the GAN head, disback through its stage switch, pd across a round boundary, guided, kd, sid with
+SiDA's GAN term, sid-disback through its stage switch), each configuration (CIFAR-10 DDPM++ cond 32x32; ImageNet-64 ADM cond with use_fp16=True) and each
 precision (fp32, bf16, fp16): a few training steps with images/s, peak GPU memory, host syncs inside the steps
 (CUDA's sync debug mode) and the first step's gradient difference from fp32 (relative L2 over every updated network,
 same weights, same random streams, nothing applied).
@@ -449,6 +449,7 @@ def main(device, tiny, batch, steps, methods, workdir, json_path):
     if pool is not None:
         rows = [row for part in pending.get() for row in part]
         pool.close()
+        pool.join()
     rows += rows2
     if device.type == 'cuda' and not tiny:
         for config_name, b in [('imagenet64', 35), ('cifar10', 49)]:
