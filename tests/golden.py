@@ -1,7 +1,7 @@
-"""Golden outputs of the reference EDM networks (shared fixtures) and the weight rule that reproduces them.
+"""Golden outputs of the reference EDM networks and the weight rule that reproduces them.
 
 Use from any test: `from golden import build_golden_net, golden_arrays` (tests/ is on sys.path under pytest).
-The fixtures live in the repository's sibling folder `shared/fixtures` (see EDM_GOLDEN.md there).
+The fixtures live in tests/fixtures (tests/fixtures/README.md says what produced them).
 """
 
 import functools
@@ -13,7 +13,7 @@ import torch
 
 from training import networks
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / 'shared' / 'fixtures'
+FIXTURES = Path(__file__).resolve().parent / 'fixtures'
 
 # GroupNorm modules of the EDM layout, whose weights the rule draws around 1.
 _GROUPNORM_SUFFIXES = ('norm0', 'norm1', 'norm2', 'aux_norm', 'out_norm')
@@ -24,8 +24,8 @@ _GROUPNORM_SUFFIXES = ('norm0', 'norm1', 'norm2', 'aux_norm', 'out_norm')
 def fixture_path(name):
     path = FIXTURES / name
     if not path.is_file():
-        raise FileNotFoundError(f'Golden fixture {path} not found; the tests expect the shared fixtures folder '
-                                f'next to the repository (../shared/fixtures)')
+        raise FileNotFoundError(f'Golden fixture {path} not found; it is committed with the repository '
+                                f'(git checkout -- tests/fixtures)')
     return path
 
 

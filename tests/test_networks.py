@@ -14,7 +14,7 @@ import torch
 from golden import FIXTURES, build_golden_net, golden_arrays, golden_config, golden_net_names
 from training import networks
 
-KEYS_DOC = FIXTURES.parent / 'docs' / 'EDM_STATE_DICT_KEYS.md'
+KEYS_DOC = FIXTURES / 'EDM_STATE_DICT_KEYS.md'
 
 # ----------------------------------------------------------------------------
 # Golden equivalence with the reference implementation.
