@@ -45,12 +45,16 @@ def next_run_dir(outdir, desc):
     return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
 
 
-def resolve_precision(opts, device):
+def resolve_precision(opts, device, resolution=None):
     """(precision, loss scaling) of the run: bf16 on CUDA for distillation (DMD2's choice), EDM's --fp16 for
-    teachers, fp32 on the CPU; fp16 scales its losses (dynamic, or EDM's static --ls)."""
+    teachers, fp32 on the CPU; SiD's official precisions on CUDA (fp32 up to 32x32, fp16 from 64x64: `resolution`,
+    of the data or the teacher; fp32 when unknown); fp16 scales its losses (dynamic, or EDM's static --ls)."""
     if opts.fp16 and opts.precision not in (None, 'fp16'):
         raise click.ClickException(f'--fp16=1 means --precision=fp16, but --precision={opts.precision}; drop one of them')
-    precision = opts.precision or ('fp16' if opts.fp16 else 'bf16' if device.type == 'cuda' and opts.method != 'edm' else 'fp32')
+    cuda_default = 'bf16' if opts.method != 'edm' else 'fp32'
+    if opts.method in ('sid', 'sid-disback'):
+        cuda_default = 'fp16' if resolution is not None and resolution >= 64 else 'fp32'
+    precision = opts.precision or ('fp16' if opts.fp16 else cuda_default if device.type == 'cuda' else 'fp32')
     if opts.ls is not None and precision != 'fp16':
         raise click.ClickException(f'--ls is a static fp16 loss scale, but the run is {precision}; drop --ls or use --precision=fp16')
     if opts.tf32 and device.type != 'cuda':
@@ -338,7 +342,7 @@ def setup_sid(opts, c, ds):
     if opts.teacher is None:
         raise click.ClickException('--method=sid needs --teacher=PKL|URL (an EDM network pickle)')
     if opts.gan_g > 0 and ds is None:
-        raise click.ClickException('--gan-g > 0 (SiDA) trains a GAN head on real images: pass --data=ZIP|DIR')
+        raise click.ClickException('--gan-g > 0 (SiDA) trains its classifier on real images: pass --data=ZIP|DIR')
     for name in ('pairs', 'fake_steps'):
         if _given(name):
             raise click.ClickException(f'--{name.replace("_", "-")} is a DMD option: SiD has no regression loss and '
@@ -346,20 +350,24 @@ def setup_sid(opts, c, ds):
     c.method_kwargs = dnnlib.EasyDict(
         class_name='training.distill.sid.SiD',
         sigma_init=opts.sigma_init if _given('sigma_init') else 2.5,  # SiD's generator input noise level
-        alpha=opts.alpha,                                       # loss weight alpha (paper 1.2; AFHQv2 1.0)
+        alpha=opts.alpha,                                       # loss weight alpha (paper 1.2; AFHQv2 and SiDA 1.0)
         t_max=opts.t_max,                                       # generator-loss noise levels t ~ U[0, t_max/1000]
         lr=opts.lr or 1e-5,                                     # generator learning rate
         fake_lr=opts.fake_lr,                                   # fake-score learning rate (None = lr)
         g_beta1=opts.g_beta1,                                   # generator Adam beta1 (fake score: 0)
+        eps=1e-6 if opts.precision == 'fp16' else 1e-8,         # Adam eps, official per precision
         max_grad_norm=opts.grad_clip,                           # gradient clipping, None = off (SiD)
         lr_rampup_kimg=opts.lr_rampup or 0,                     # learning-rate warm-up
         fake_sigma=opts.fake_sigma if _given('fake_sigma') else 'lognormal',  # SiD: EDM's log-normal levels
-        gan_g_weight=opts.gan_g,                                # SiDA adversarial weight (0 = off; SiDA 1e-4)
-        gan_d_weight=opts.gan_d,                                # SiDA classifier weight
+        dropout=opts.dropout if _given('dropout') else None,   # G and f_psi dropout (None: the teacher's rate)
+        augment_p=opts.augment if _given('augment') else None,  # fake-score augmentation (None: 0.12 if the teacher takes it)
+        sida=opts.gan_g > 0,                                    # SiDA: encoder classifier and GAN term
+        gan_g_weight=opts.gan_g or 0.01,                        # SiDA GAN weight (official 0.01 against SiD's 100)
+        gan_d_weight=opts.gan_d if _given('gan_d') else 1.0,    # SiDA classifier weight (official 1)
         ema_halflife_kimg=(opts.ema if opts.ema is not None else 0.5) * 1000 or None,
     )
     name = os.path.splitext(os.path.basename(opts.teacher.rstrip('/')))[0]
-    return f'{name}-a{opts.alpha:g}{"-gan" if opts.gan_g > 0 else ""}'
+    return f'{name}-a{opts.alpha:g}{"-sida" if opts.gan_g > 0 else ""}'
 
 
 def setup_sid_disback(opts, c, ds):
@@ -387,8 +395,8 @@ METHODS = {'edm': setup_edm, 'dmd': setup_dmd, 'kd': setup_kd, 'pd': setup_pd, '
 @click.option('--precond',       help='Preconditioning & loss function', type=click.Choice(['vp', 've', 'edm']), default='edm')
 @click.option('--cbase',         help='Channel multiplier  [default: varies]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--cres',          help='Channels per resolution  [default: varies]', metavar='LIST', type=str)
-@click.option('--dropout',       help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.13)
-@click.option('--augment',       help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.12)
+@click.option('--dropout',       help='Dropout probability (SiD: of G and the fake score; the teacher\'s unless given)', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.13)
+@click.option('--augment',       help='Augment probability (SiD: fake-score loss; 0.12 if the teacher takes augment labels, unless given)', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.12)
 @click.option('--xflip',         help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False)
 @click.option('--transfer',      help='Initialise the network from a pickle', metavar='PKL|URL', type=str)
 # DMD / DMD2.
@@ -401,8 +409,8 @@ METHODS = {'edm': setup_edm, 'dmd': setup_dmd, 'kd': setup_kd, 'pd': setup_pd, '
 @click.option('--reg-loss',      help='DMD: regression distance', type=click.Choice(['lpips', 'l2', 'pseudo_huber']), default='lpips')
 @click.option('--lpips-vgg',     help='DMD: VGG16 weights for LPIPS  [default: official URL]', metavar='PTH|URL', type=str)
 @click.option('--lpips-lin',     help='DMD: LPIPS linear heads (vgg.pth)  [default: official URL]', metavar='PTH|URL', type=str)
-@click.option('--gan-g',         help='DMD2: GAN generator loss weight (0 = no GAN head; paper 3e-3)', metavar='FLOAT', type=click.FloatRange(min=0), default=0)
-@click.option('--gan-d',         help='DMD2: GAN classifier loss weight', metavar='FLOAT', type=click.FloatRange(min=0), default=1e-2)
+@click.option('--gan-g',         help='DMD2: GAN generator loss weight (0 = no GAN head; paper 3e-3); SiD: SiDA\'s (official 0.01)', metavar='FLOAT', type=click.FloatRange(min=0), default=0)
+@click.option('--gan-d',         help='DMD2: GAN classifier loss weight (SiDA: 1 unless given)', metavar='FLOAT', type=click.FloatRange(min=0), default=1e-2)
 @click.option('--grad-clip',     help='Gradient clipping at this global norm  [default: dmd 10, pd 1, kd/guided/sid none]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 # KD (compression by knowledge distillation, BK-SDM).
 @click.option('--kd-variant',    help='KD: student (base: fewer blocks; small: also no in0/in1; tiny: also no lowest level)', type=click.Choice(['base', 'small', 'tiny']), default='base')
@@ -442,7 +450,7 @@ METHODS = {'edm': setup_edm, 'dmd': setup_dmd, 'kd': setup_kd, 'pd': setup_pd, '
 @click.option('--lr',            help='Learning rate  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--lr-rampup',     help='Learning-rate warm-up  [default: edm 10000, else 0; pd: none]', metavar='KIMG', type=click.FloatRange(min=0))
 @click.option('--ema',           help='EMA half-life  [default: varies]', metavar='MIMG', type=click.FloatRange(min=0))
-@click.option('--precision',     help='Precision of every network  [default: bf16 on CUDA for distillation, else fp32]', type=click.Choice(['fp32', 'bf16', 'fp16']))
+@click.option('--precision',     help='Precision of every network  [default: bf16 on CUDA for distillation (SiD: fp32 to 32x32, fp16 from 64x64), else fp32]', type=click.Choice(['fp32', 'bf16', 'fp16']))
 @click.option('--fp16',          help='EDM\'s flag: the same as --precision=fp16', metavar='BOOL', type=bool, default=False)
 @click.option('--ls',            help='Static fp16 loss scale, as EDM  [default: dynamic]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--tf32',          help='Allow TF32 matmuls/convolutions on CUDA', metavar='BOOL', type=bool, default=False)
@@ -501,8 +509,6 @@ def _main(opts):
                                    f'(--batch={opts.batch} over {world_size} processes)')
 
     c = dnnlib.EasyDict()
-    c.precision, c.loss_scaling = resolve_precision(opts, device)
-    c.tf32 = opts.tf32
     ds = None
     if opts.data is not None:
         c.dataset_kwargs, ds = open_dataset(opts.data, opts.cond, opts.xflip, opts.cache)
@@ -510,6 +516,8 @@ def _main(opts):
                                                prefetch_factor=2 if opts.workers > 0 else None)
     elif opts.method == 'edm':
         raise click.ClickException('--method=edm needs --data=ZIP|DIR (make one with dataset_tool.py)')
+    c.precision, c.loss_scaling = resolve_precision(opts, device, _resolution(opts, ds, device))
+    c.tf32 = opts.tf32
     with distributed.rank0_first():  # the checks load every network file: rank 0 fills the download cache first
         desc = METHODS[opts.method](opts, c, ds)
         transfer_note = None
@@ -521,6 +529,11 @@ def _main(opts):
             c.teacher = opts.teacher
             if not opts.dry_run:
                 teacher = _check_network('--teacher', opts.teacher, ds, opts.trust_pickle)
+                if (c.method_kwargs.get('augment_p') or 0) > 0 and 'sid' in opts.method:
+                    from training.distill.sid import takes_augment_labels
+                    if not takes_augment_labels(teacher):
+                        raise click.ClickException(f'--augment={opts.augment}: the teacher was trained without '
+                                                   f'augmentation labels, so SiD cannot augment; use --augment=0')
                 if c.method_kwargs.get('pairs') is not None:
                     _check_pairs(c.method_kwargs, opts.teacher, teacher)
             elif not dnnlib.util.is_url(opts.teacher) and not os.path.isfile(opts.teacher):
@@ -616,6 +629,19 @@ def _main(opts):
         if lock is not None:
             lock.close()  # releases the lock (the kernel does so too when a process dies)
         distributed.shutdown()
+
+
+def _resolution(opts, ds, device):
+    """The image resolution, where SiD's default precision needs it (CUDA, no --precision): the data's, else the
+    teacher's (loaded here; not in a dry run, which reads no network); None when unknown."""
+    if opts.method not in ('sid', 'sid-disback') or device.type != 'cuda' or opts.precision or opts.fp16:
+        return None
+    if ds is not None:
+        return ds.resolution
+    if opts.teacher is None or opts.dry_run:
+        return None
+    with distributed.rank0_first():
+        return _check_network('--teacher', opts.teacher, None, opts.trust_pickle).img_resolution
 
 
 def _print_options(c, world_size):

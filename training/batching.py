@@ -136,11 +136,12 @@ class Round:
         """One-hot labels drawn uniformly, for methods that have no data (None when unconditional)."""
         return _one_hot(self.randint(name, label_dim), label_dim) if label_dim else None
 
-    def keyed_dropout(self):
-        """Context in which the networks' dropout masks follow this round's global sample positions."""
+    def keyed_dropout(self, name='dropout'):
+        """Context in which the networks' dropout masks follow this round's global sample positions; `name` gives
+        each network of a step its own masks (SiD's generator and fake score)."""
         from training.networks import keyed_dropout
         rand = self.rand_
-        keys = [stable_seed(rand.seed, rand.step, 'dropout', self.start + i) & 0xffffffff for i in range(self.size)]
+        keys = [stable_seed(rand.seed, rand.step, name, self.start + i) & 0xffffffff for i in range(self.size)]
         return keyed_dropout(torch.tensor(keys, dtype=torch.int64, device=rand.device))
 
 

@@ -66,6 +66,7 @@ class Updater:
         name,                           # for statistics: Health/skipped_<name>, Health/grad_norm_<name>, ...
         class_name      = 'torch.optim.Adam',
         max_grad_norm   = None,         # clip the global gradient norm, None = off
+        max_grad_value  = None,         # clip each gradient element to [-v, v] (SiDA's fake score), None = off
         **opt_kwargs,                   # optimizer keywords (lr, betas, weight_decay, ...)
     ):
         self.params = list(params)
@@ -73,6 +74,7 @@ class Updater:
             raise ValueError(f'Updater "{name}": parameters of mixed dtypes cannot share one gradient buffer')
         self.name = name
         self.max_grad_norm = max_grad_norm
+        self.max_grad_value = max_grad_value
         device = self.params[0].device
         cls = dnnlib.util.get_obj_by_name(class_name)
         # Fused kernels take the skip flag on the device (and are the fastest); else a host sync decides the skip.
@@ -102,7 +104,7 @@ class Updater:
             loss_fn(r).sum().mul(factor).backward()
 
     def step(self, lr):
-        """Average over ranks, unscale, skip if non-finite (counted), clip, step; then free the gradients."""
+        """Average over ranks, unscale, skip if non-finite (counted), clip (norm, then value), step; then free the gradients."""
         flat = self._grad_buffer()
         world_size = distributed.get_world_size()
         if world_size > 1:
@@ -112,6 +114,8 @@ class Updater:
         found_inf = (~torch.isfinite(norm)).to(torch.float32)
         if self.max_grad_norm is not None:
             flat.mul_((self.max_grad_norm / (norm + 1e-6)).clamp(max=1))
+        if self.max_grad_value is not None:
+            flat.clamp_(-self.max_grad_value, self.max_grad_value)
         for g in self.optimizer.param_groups:
             g['lr'] = lr
         if self.fused:

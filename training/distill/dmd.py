@@ -57,10 +57,10 @@ class Bottleneck:
         if self.armed:
             raise _Reached(output)
 
-    def __call__(self, x, sigma, labels):
+    def __call__(self, x, sigma, labels, **model_kwargs):
         self.armed = True
         try:
-            self.net(x, sigma, labels)
+            self.net(x, sigma, labels, **model_kwargs)
         except _Reached as reached:
             return reached.output
         finally:
