@@ -150,7 +150,7 @@ def build_method(method, config, paths, lpips, device, batch, workdir, lpips_res
         return kd.KD(device, batch, teacher, dataset, optimizer_kwargs=adam)
     if method == 'sid':  # SiDA: the GAN term too (the SiD loss backpropagates through both score networks)
         from training.distill.sid import SiD
-        sid = SiD(teacher, device, batch, dataset=dataset, gan_g_weight=1e-4)
+        sid = SiD(teacher, device, batch, dataset=dataset, sida=True, g_start_kimg=-1, gan_start_kimg=-1)  # G and GAN from step 0
         randomize_weights_(sid.fake, 1)  # a fake score unlike the teacher, so that the first gradient is not zero
         return sid
     raise ValueError(method)

@@ -5,6 +5,7 @@ training/distill/sid.py, and runs it beside the project's code on the same input
 settings it relies on are quoted with the file they come from."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -338,3 +339,32 @@ def test_updater_clips_by_value():
     u.step(1.0)
     torch.testing.assert_close(p.detach(), torch.tensor([-1.0, 1.0, -0.5]))
     assert math.isclose(make_sid(sida=True).opt_fake.max_grad_value, 1.0) and make_sid().opt_fake.max_grad_value is None
+
+# ----------------------------------------------------------------------------
+# Item 5: precision.
+
+def test_precision_defaults_are_the_official_ones(tmp_path):
+    """run_sid.sh / run_sida.sh: `--fp16 0` for CIFAR-10 (32x32), `--fp16 1` for ImageNet-64, FFHQ-64 and AFHQv2-64;
+    sid_training_loop.py: `torch.backends.cuda.matmul.allow_tf32 = False`, `cudnn.allow_tf32 = False`; sid_train.py:
+    Adam `eps = 1e-8 if not opts.fp16 else 1e-6`. bf16 only when asked."""
+    import dnnlib
+    import train
+    opts = lambda **kw: dnnlib.EasyDict(dict(method='sid', precision=None, fp16=False, ls=None, tf32=False, dry_run=False,
+                                             teacher=None), **kw)
+    cuda = torch.device('cuda')
+    assert train.resolve_precision(opts(), cuda, 32) == ('fp32', None)
+    assert train.resolve_precision(opts(), cuda, 64) == ('fp16', 'dynamic')
+    assert train.resolve_precision(opts(method='sid-disback'), cuda, 64)[0] == 'fp16'
+    assert train.resolve_precision(opts(), cuda, None)[0] == 'fp32'  # resolution unknown (a dry run without data)
+    assert train.resolve_precision(opts(precision='bf16'), cuda, 64)[0] == 'bf16'
+    assert train.resolve_precision(opts(method='dmd'), cuda, 64)[0] == 'bf16'  # other methods keep theirs
+    assert train._resolution(opts(), dnnlib.EasyDict(resolution=64), cuda) == 64
+    assert train._resolution(opts(precision='fp32'), dnnlib.EasyDict(resolution=64), cuda) is None
+    from click.testing import CliRunner
+    net = tmp_path / 'teacher.pkl'
+    net.touch()
+    for args, eps in (([], 1e-8), (['--precision=fp16'], 1e-6)):
+        r = CliRunner().invoke(train.main, [f'--outdir={tmp_path}', '--method=sid', f'--teacher={net}', '--device=cpu',
+                                            '--dry-run', *args])
+        c = json.loads(r.output.split('Training options:')[1].split('Output directory')[0])
+        assert c['method_kwargs']['eps'] == eps and c['tf32'] is False, r.output
