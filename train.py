@@ -321,21 +321,44 @@ def setup_disback(opts, c, ds, base=setup_dmd, class_name='training.distill.disb
     else:
         nodes = opts.path_nodes
         path_steps = max(round(opts.stage1_kimg * 1000 / opts.batch), 1)
+        if opts.path_place == 'official':  # DisBack's scripts: a node every 100 stage-1 updates at the G lr
+            nodes = _official_disback(opts, path_steps, given)
         if path_steps < nodes:
             raise click.ClickException(f'--stage1-kimg={opts.stage1_kimg} is {path_steps} steps of --batch={opts.batch}, '
                                        f'fewer than the {nodes} path intervals (--path-nodes); lengthen stage 1')
         c.method_kwargs.path_nodes = nodes                      # N: snapshots s'_0 = teacher, ..., s'_N
         c.method_kwargs.path_steps = path_steps                 # K1: stage-1 updates of the auxiliary score (the most, 'plateau')
-        c.method_kwargs.path_place = opts.path_place            # nodes evenly/geometrically in updates, or by distance
+        c.method_kwargs.path_place = 'even' if opts.path_place == 'official' else opts.path_place  # in updates, or by distance
         fake_lr = c.method_kwargs.fake_lr or c.method_kwargs.lr
         c.method_kwargs.stage1_lr = opts.stage1_lr or fake_lr / 10  # measured: at the fake lr the path is one jump
+        if opts.path_place == 'official':
+            c.method_kwargs.stage1_lr = c.method_kwargs.lr      # official: guidance_lr = generator_lr in stage 1
         c.method_kwargs.stage1_stop = opts.stage1_stop          # 'fixed' K1 updates, or 'plateau' of the probe loss
         c.method_kwargs.stage1_window = opts.stage1_window      # updates between probe checks (plateau windows)
         c.method_kwargs.stage1_tol = opts.stage1_tol            # 'plateau': least relative fall of the probe loss
     c.method_kwargs.switch_every = opts.switch_every            # K2: generator steps per path node (or window)
+    if opts.path_place == 'official':  # official: the target moves every 1000 loop steps, i.e. fake-score updates
+        c.method_kwargs.switch_every = max(1000 // c.method_kwargs.get('fake_steps', 1), 1)
     c.method_kwargs.switch_rule = opts.switch                   # 'every' K2 steps or 'converged'
     c.method_kwargs.switch_tol = opts.switch_tol                # 'converged': least relative fall of L_DM per window
     return f'{desc}-path{nodes}'
+
+
+def _official_disback(opts, path_steps, given):
+    """--path-place=official, DisBack's released schedule (SYZhang0805/DisBack: degradation script `--log_iters 100`,
+    `--guidance_lr` = `--generator_lr`; main/train_sd.py moves the target one snapshot (100 updates) back every
+    `--interval 1000` iterations): every 100th stage-1 update a node, stage-1 lr = the generator lr, the target moving
+    every 1000 fake-score updates. Returns N; the options it sets may not be given."""
+    clash = [n for n in ('path_nodes', 'stage1_lr', 'switch_every', 'stage1_stop', 'switch') if given(n)]
+    if clash:
+        raise click.ClickException(f'--path-place=official sets the path and its schedule as DisBack\'s scripts do; '
+                                   f'drop {", ".join("--" + n.replace("_", "-") for n in clash)}')
+    if path_steps < 100 or path_steps % 100:
+        near = max(round(path_steps / 100), 1) * 100
+        raise click.ClickException(f'--path-place=official takes a node every 100 stage-1 updates, but --stage1-kimg='
+                                   f'{opts.stage1_kimg:g} is {path_steps} updates of --batch={opts.batch}; use '
+                                   f'--stage1-kimg={near * opts.batch / 1000:g} ({near} updates)')
+    return path_steps // 100
 
 
 def setup_sid(opts, c, ds):
@@ -431,7 +454,7 @@ METHODS = {'edm': setup_edm, 'dmd': setup_dmd, 'kd': setup_kd, 'pd': setup_pd, '
 @click.option('--path',          help='DisBack: recorded path (a stage-1 run directory): skip stage 1', metavar='DIR', type=str)
 @click.option('--stage1-kimg',   help='DisBack: stage 1 (path recording) duration, part of --duration', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=200)
 @click.option('--path-nodes',    help='DisBack: N, the path has N+1 snapshots', metavar='INT', type=click.IntRange(min=1), default=4)
-@click.option('--path-place',    help='DisBack: nodes evenly or geometrically in stage-1 updates, or evenly in distance from the teacher', type=click.Choice(['even', 'geometric', 'distance']), default='distance')
+@click.option('--path-place',    help='DisBack: nodes evenly or geometrically in stage-1 updates, evenly in distance from the teacher, or the official schedule (a node every 100 updates at the G lr, the target moving every 1000 fake updates)', type=click.Choice(['even', 'geometric', 'distance', 'official']), default='distance')
 @click.option('--stage1-lr',     help='DisBack: stage-1 learning rate  [default: fake-score lr / 10]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--stage1-stop',   help='DisBack: stage 1 lasts --stage1-kimg, or until its probe loss plateaus (at most --stage1-kimg)', type=click.Choice(['fixed', 'plateau']), default='fixed')
 @click.option('--stage1-window', help='DisBack: stage-1 updates between probe checks (the plateau test\'s window)', metavar='INT', type=click.IntRange(min=1), default=50)

@@ -537,3 +537,40 @@ def test_two_processes_share_run_directory_download_and_path(teacher_pkl, tmp_pa
     state = torch.load(loop_module.find_latest_state(str(tmp_path / 'runs' / run_dir)), weights_only=True)['method']
     assert state['stage'] == 2 and state['switches'] == [2]  # both ranks read path-002.pt and path-001.pt
     assert server.gets == 1  # rank 0 downloaded the teacher; rank 1 read the cached file
+
+# ----------------------------------------------------------------------------
+# --path-place=official: DisBack's released schedule (SYZhang0805/DisBack).
+
+def official_options(tmp_path, method, *args):
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path}', f'--method={method}', '--dry-run', '--path-place=official',
+                                        *RECIPES['imagenet64'][:1], *args])
+    return r, (json.loads(r.output.split('Training options:')[1].split('Output directory:')[0]) if r.exit_code == 0 else None)
+
+
+def test_official_schedule(tmp_path):
+    """Facts from the official scripts: the degradation script (experiments/sdxl/degradation_*.sh) runs main/
+    degradation.py with `--guidance_lr 5e-7 --generator_lr 5e-7` (stage-1 lr = the generator's) and `--log_iters
+    100` (a path snapshot every 100 stage-1 iterations, saved by `self.step % self.log_iters == 0`); main/train_sd.py
+    `train()` loads the snapshot `ckpt_num -= 100` back `if index % self.args.interval == 0` with `--interval 1000`,
+    where an iteration is one fake-score update (`--dfake_gen_update_ratio 5`: G every 5th), so 200 G updates."""
+    r, c = official_options(tmp_path, 'disback', '--batch=280', '--lr=2e-6', '--fake-steps=5', '--stage1-kimg=560')
+    assert r.exit_code == 0, r.output
+    kw = c['method_kwargs']
+    assert kw['path_steps'] == 2000 and kw['path_nodes'] == 20 and kw['path_place'] == 'even'
+    assert record_updates('even', kw['path_nodes'], kw['path_steps']) == list(range(0, 2001, 100))
+    assert kw['stage1_lr'] == kw['lr'] == 2e-6
+    assert kw['switch_every'] * kw['fake_steps'] == 1000 and kw['switch_every'] == 200
+    r, c = official_options(tmp_path, 'sid-disback', '--batch=256', '--stage1-kimg=25.6')  # SiD: one fake update per G
+    assert r.exit_code == 0, r.output
+    assert (c['method_kwargs']['path_nodes'], c['method_kwargs']['switch_every']) == (1, 1000)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--path-nodes=4'], 'drop --path-nodes'),
+    (['--stage1-lr=1e-6', '--switch-every=10'], 'drop --stage1-lr, --switch-every'),
+    (['--batch=256', '--stage1-kimg=30'], 'use --stage1-kimg=25.6 (100 updates)'),
+])
+def test_official_schedule_refusals(tmp_path, args, message):
+    r, _ = official_options(tmp_path / 'runs', 'disback', *args)
+    assert r.exit_code == 1 and message in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / 'runs').exists()
