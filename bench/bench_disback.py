@@ -53,7 +53,9 @@ UNCOND8 = dict(img_resolution=8, img_channels=3, num_components=10, seed=0)
 UNCOND8_NET = dict(model_type='SongUNet', model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[],
                    dropout=0)
 ARMS = {'dmd': None, 'init': [0, 8], 'db2': [0, 4, 8], 'db4': [0, 2, 4, 6, 8], 'db8': list(range(9)),  # path nodes
-        'sid': None, 'sid-db4': [0, 2, 4, 6, 8]}  # SiD and DisBack on SiD (issue 19), on a path of SiD's own stage 1
+        'sid': None, 'sid-db4': [0, 2, 4, 6, 8],  # SiD and DisBack on SiD (issue 19), on a path of SiD's own stage 1
+        'official': 'all'}  # DisBack's released schedule (issue 24): every node of its own stage 1 (see official_stage1)
+OFFICIAL_EVERY, OFFICIAL_SWITCH = 100, 1000  # official: a node every 100 stage-1 updates; the target moves every 1000 fake updates
 STAGE1_SEED = 1 << 20  # stage 1's random streams: step indices apart from stage 2's
 
 # ----------------------------------------------------------------------------
@@ -157,14 +159,21 @@ def one_step(method, seed, step, batch):
     method.step([Round(None, None, StepRandom(seed, step, batch, 'cpu'), 0, batch)], step * batch)
 
 
+def official_stage1(stage1, setting):
+    """The official arm's stage 1 (train.py --path-place=official): the plan's length, at the generator lr, a node
+    every 100 updates (placed by update count, fixed length)."""
+    return dict(stage1, lr=setting['lr'], place='even', stop='fixed', nodes=stage1['max_updates'] // OFFICIAL_EVERY)
+
+
 def run_stage1(problem, setting, sigma_init, seed, stage1, run_dir, log, arm='dmd'):
-    """Record a path of N = 8 nodes (distance placement, plateau stop) in run_dir with the base method of `arm`
-    (its fake-score noise levels and optimizer); returns compute and path.json."""
+    """Record a path of N nodes (stage1['nodes'], default 8; the plan's placement and stop) in run_dir with the base
+    method of `arm` (its fake-score noise levels and optimizer); returns compute and path.json."""
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
     torch.manual_seed(seed)
     B = setting['batch']
-    method = make_method(arm, copy.deepcopy(problem.teacher), setting, sigma_init, run_dir=run_dir, path_nodes=8,
+    method = make_method(arm, copy.deepcopy(problem.teacher), setting, sigma_init, run_dir=run_dir,
+                         path_nodes=stage1.get('nodes', 8),
                          path_steps=stage1['max_updates'], path_place=stage1['place'], stage1_lr=stage1['lr'],
                          stage1_stop=stage1['stop'], stage1_window=stage1['window'], stage1_tol=stage1['tol'])
     counter = PassCounter(method_nets(method))
@@ -372,22 +381,28 @@ def run(workdir, problem16, threads, plan):
                         continue
                     # Stage 1 depends on the base method, batch, s_init and its own lr only: one per (problem, base
                     # method, s_init, seed), shared by that base's arms.
-                    stage1_key = f'{block["problem"]}/{"sid/" if arm.startswith("sid") else ""}s{sigma:g}/seed{seed}'
+                    base_key = 'sid/' if arm.startswith('sid') else 'official/' if arm == 'official' else ''
+                    stage1_key = f'{block["problem"]}/{base_key}s{sigma:g}/seed{seed}'
                     stage1_dir = os.path.join(workdir, 'paths', stage1_key.replace('/', '-'))
+                    stage1 = plan['stage1'][block['problem']]
+                    if arm == 'official':
+                        stage1 = official_stage1(stage1, setting)
+                    nodes = ARMS[arm] if ARMS[arm] != 'all' else list(range(stage1['nodes'] + 1))
                     if ARMS[arm] is not None and (stage1_key not in results['stage1']
-                                                  or not os.path.isfile(node_path(stage1_dir, 8))):
+                                                  or not os.path.isfile(node_path(stage1_dir, stage1.get('nodes', 8)))):
                         click.echo(f'{stage1_key}: stage 1 ({time.time() - t_start:.0f} s)')
-                        r = run_stage1(problem, setting, sigma, seed, plan['stage1'][block['problem']], stage1_dir,
-                                       click.echo, arm)
+                        r = run_stage1(problem, setting, sigma, seed, stage1, stage1_dir, click.echo, arm)
                         results['stage1'][stage1_key] = r
                         save_json(out, results)
                     click.echo(f'{key} ({time.time() - t_start:.0f} s)')
                     path_dir = None
                     if ARMS[arm] is not None:
                         path_dir = os.path.join(workdir, 'subsets', f'{stage1_key.replace("/", "-")}-{arm}')
-                        subset_path(stage1_dir, ARMS[arm], path_dir)
-                    n = len(ARMS[arm]) - 1 if ARMS[arm] else 0
+                        subset_path(stage1_dir, nodes, path_dir)
+                    n = len(nodes) - 1 if ARMS[arm] else 0
                     k2 = max(round(block['backtrack_steps'][f'{sigma:g}'] / n), 1) if n > 1 else None
+                    if arm == 'official':  # the official switch: every 1000 fake-score updates
+                        k2 = max(OFFICIAL_SWITCH // setting['fake_steps'], 1)
                     t0 = time.time()
                     rows = run_arm(problem, arm, setting, sigma, seed, path_dir, k2, plan['g_steps'], plan['eval_at'],
                                    click.echo)
@@ -430,7 +445,7 @@ def stage1_note(results, prefix, label):
         return ''
     updates = [v['updates'] for v in stage1]
     return (f' {label} ({len(stage1)} seeds): {np.mean(updates):.0f} updates ({min(updates)}-{max(updates)}), '
-            f'{np.mean([v["compute"] for v in stage1]):.1f} units of compute; s\'_8 '
+            f'{np.mean([v["compute"] for v in stage1]):.1f} units of compute; s\'_N '
             f'{np.mean([v["path"]["nodes"][-1]["to_teacher"] for v in stage1]):.4f} from the teacher, s\'_1 at '
             f'{np.mean([v["path"]["first_interval_share"] for v in stage1]):.0%} of that.')
 
@@ -449,8 +464,8 @@ def tables(results):
         fd0 = next(iter(dmd.values()))['rows'][0]['fd']  # G0: the same for every arm and seed
         limits = [threshold(ref), ref['exact']['fd'] + (fd0 - ref['exact']['fd']) / 2]
         s = SETTINGS[setting]
-        notes = [stage1_note(results, f'{problem}/{base}{sigma}/', label) for base, label in [('', 'Stage 1'),
-                                                                                             ('sid/', 'SiD\'s stage 1')]]
+        notes = [stage1_note(results, f'{problem}/{base}{sigma}/', label) for base, label in [
+            ('', 'Stage 1'), ('sid/', 'SiD\'s stage 1'), ('official/', 'The official arm\'s stage 1')]]
         lines += [f'### {problem}, s_init {sigma[1:]}, setting {setting}: G lr {s["lr"]:g}, fake lr {s["fake_lr"]:g}, '
                   f'{s["fake_steps"]} fake updates per G update, batch {s["batch"]}'
                   + (f'; SiD arms: G and fake lr {s["sid_lr"]:g}, one fake update per G update' if 'sid' in arms else ''), '',
