@@ -26,7 +26,8 @@ sample position (training/batching.py), one stream per network, so a step does n
 ImageNet-64 0.10, FFHQ/AFHQv2 0.05). EDM's augmentation (`augment_p`, official 0.12 CIFAR-10, 0.15 FFHQ/AFHQv2,
 0 ImageNet-64) applies to the fake-score loss only; the generator loss sees unaugmented images.
 
-Labels: with data (--data), both updates use the data batch's labels (official); without, uniform random labels.
+Labels: with data (--data), both updates use the data batch's labels (official; it draws a batch per update, here
+both use the step's one); without data, uniform random labels.
 
 Special cases of alpha (Gaussian derivations in tests/test_sid.py): alpha = 0 gives (y_r - y_f).(y_r - x), whose
 expectation equals the score-matching loss |y_r - y_f|^2 when f_psi is G's exact score (the score identity); alpha = 1
