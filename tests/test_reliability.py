@@ -101,7 +101,7 @@ RESUME_CASES = {
     'guided': (['--method=guided', '--teacher={teacher_ld}', '--data={data}', '--cond=1', '--lr=1e-3'], 4, (0, 2)),
     'kd': (['--method=kd', '--teacher={teacher_kd}', '--data={data}', '--cond=1', '--kd-variant=base', '--augment=0',
             '--lr=1e-3'], 4, (0, 2)),
-    'sid': (['--method=sid', '--teacher={teacher}', '--data={data}', '--cond=1', '--lr=1e-4', '--gan-g=1e-4'], 5, (0, 3)),
+    'sid': (['--method=sid', '--teacher={teacher}', '--data={data}', '--cond=1', '--lr=1e-4', '--dropout=0.1'], 5, (0, 3)),  # SiDA's G waits 100 kimg
     'sid-disback-stage1': (SID_DISBACK, 9, (0, 1)),  # stage 1 is 3 steps
     'sid-disback-stage2': (SID_DISBACK, 9, (3, 7)),
 }
