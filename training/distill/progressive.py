@@ -9,7 +9,11 @@ result itself), weighted as the official code does by truncated SNR, max(1/s^2, 
 option, by EDM's lam(s) = 1/s^2 + 1/sd^2, which is SNR + 4 for sd = 0.5). A round trains for a fixed number of
 updates (officially 50k for every round) with a fresh Adam, gradients clipped at global norm 1 and a learning rate
 decaying linearly from the base lr to 0 (no warm-up), then the student (or its EMA) becomes the next teacher and
-N halves. Stage two of guided distillation is this method with a w-conditioned teacher: w ~ U[w_min, w_max] is
+N halves. The loss is reduced as the official code does (dpm.py `meanflat`, then the batch mean): the weighted
+squared error is averaged over pixels and over the global batch, so the clip at global norm 1 acts on the gradient
+it acts on there (a sum over pixels would be C*H*W times larger and always clipped). One difference: the official
+code clips each device's gradient before averaging across devices; here the global gradient is clipped once, which
+keeps the run independent of the number of processes. Stage two of guided distillation is this method with a w-conditioned teacher: w ~ U[w_min, w_max] is
 drawn per sample and given to teacher and student alike. See METHODS.md section 4.
 
 x comes from --data: PD needs real (or teacher-generated) images, and generating them with the teacher's own
@@ -193,8 +197,9 @@ class ProgressiveDistillation:
             x_s = r.images.to(torch.float64) + sigma.reshape(-1, 1, 1, 1) * r.randn('pd_noise', *self.img_shape).to(torch.float64)
             target = pd_target(self.teacher, x_s, sigma, sigma_mid, sigma_next, labels, self._model_kwargs(w))
             D = self.student(x_s, sigma, labels, **self._model_kwargs(w))
-            weight = loss_weight(sigma, self.weight, self.sigma_data).to(torch.float32).reshape(-1, 1, 1, 1)
-            return training_stats.report('Loss/loss', weight * (D - target.to(torch.float32)) ** 2)
+            weight = loss_weight(sigma, self.weight, self.sigma_data).to(torch.float32)
+            # A mean over pixels per sample (the updater then averages over the batch), as the official `meanflat`.
+            return training_stats.report('Loss/loss', weight * (D - target.to(torch.float32)).square().mean(dim=[1, 2, 3]))
 
         self.optimizer.backward(rounds, loss_fn, self.per_rank_batch)
         self.optimizer.step(self.lr * (1 - self.round_step / self.schedule[self.round][1]))  # linear decay to 0 within the round
