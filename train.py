@@ -148,7 +148,7 @@ def setup_dmd(opts, c, ds):
         reg_kwargs=reg_kwargs,
         gan_g_weight=opts.gan_g,                                # DMD2 GAN head, generator weight (0 = off)
         gan_d_weight=opts.gan_d,                                # DMD2 GAN head, classifier weight
-        ema_halflife_kimg=(opts.ema if opts.ema is not None else 0.5) * 1000 or None,
+        ema_halflife_kimg=opts.ema * 1000 if opts.ema else None,  # DMD2's official code: no EMA
     )
     name = os.path.splitext(os.path.basename(opts.teacher.rstrip('/')))[0]
     return f'{name}{"-gan" if opts.gan_g > 0 else ""}{"-reg" if opts.pairs else ""}'
