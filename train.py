@@ -411,7 +411,7 @@ METHODS = {'edm': setup_edm, 'dmd': setup_dmd, 'kd': setup_kd, 'pd': setup_pd, '
 @click.option('--kd-feat',       help='KD: weight of the feature distillation loss', metavar='FLOAT', type=click.FloatRange(min=0), default=1)
 @click.option('--kd-feat-norm',  help='KD: divide feature losses by the teacher feature variance', metavar='BOOL', type=bool, default=False)
 # PD (progressive distillation) and guided distillation.
-@click.option('--start-steps',   help='PD: Euler steps of the first teacher (halved each round)', metavar='INT', type=click.IntRange(min=2), default=256)
+@click.option('--start-steps',   help='PD: Euler steps of the first teacher (halved each round; official: CIFAR-10 8192, ImageNet-64 1024)', metavar='INT', type=click.IntRange(min=2), default=1024)
 @click.option('--end-steps',     help='PD: steps of the last student', metavar='INT', type=click.IntRange(min=1), default=1)
 @click.option('--round-kimg',    help='PD: length of a halving round  [default: 50k updates]', metavar='KIMG', type=click.FloatRange(min=0, min_open=True))
 @click.option('--final-round-kimg', help='PD: length of the rounds to 2 and 1 steps  [default: --round-kimg]', metavar='KIMG', type=click.FloatRange(min=0, min_open=True))

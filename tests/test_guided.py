@@ -304,9 +304,10 @@ def test_recipe_cifar10_stage_one_and_two(files, tmp_path):
     stage_one = tmp_path / 'guided-cifar10.pkl'
     stage_one.write_bytes(b'')  # a dry run checks only that the file exists
     r = cli(f'--outdir={tmp_path}', '--method=pd', f'--teacher={stage_one}', f'--data={files / "cond.zip"}', '--cond=1',
-            '--batch=128', '--lr=5e-5', '--start-steps=256', '--end-steps=1', '--w-range=0,4', '--dry-run')
+            '--batch=128', '--lr=5e-5', '--start-steps=8192', '--end-steps=1', '--w-range=0,4', '--dry-run')
     assert r.exit_code == 0, r.output
     assert printed_options(r.output)['method_kwargs']['guidance_range'] == [0, 4]
+    assert printed_options(r.output)['method_kwargs']['start_steps'] == 8192  # PD's official CIFAR-10 start
     assert os.listdir(tmp_path) == ['guided-cifar10.pkl']
 
 

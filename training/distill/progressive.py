@@ -98,7 +98,8 @@ class ProgressiveDistillation:
         device,                         # torch.device of this rank
         batch_size,                     # global batch
         dataset             = None,     # training images (required: x of the training samples)
-        start_steps         = 256,      # the first teacher's Euler steps; the first student gets half
+        start_steps         = 1024,     # the first teacher's Euler steps; the first student gets half (official:
+                                        # CIFAR-10 8192, ImageNet-64 1024; the smaller is the default)
         end_steps           = 1,        # steps of the last round's student
         round_kimg          = 6400,     # length of a halving round (official: 50k updates of 128 on CIFAR-10)
         final_round_kimg    = None,     # length of the rounds to 2 and 1 steps, None = round_kimg (official)
