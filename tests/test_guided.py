@@ -235,7 +235,7 @@ def test_cli_stage_one_then_two_then_generate_with_guidance(files, tmp_path):
     assert (kw['guide'], kw['guidance_range'], kw['lr_rampup_kimg'], kw['ema_halflife_kimg']) == ('null', [0.0, 4.0], 0, 500)
     snap = str(tmp_path / 'one' / 'network-snapshot-000000.pkl')
     net = generate.load_network(snap)
-    assert net.init_kwargs['guidance_embed'] is True and getattr(net, 'sampling_spec', None) is None
+    assert net.init_kwargs['guidance_embed'] is True and net.sampling_spec == dict(clip_denoised=True)
 
     # generate.py --guidance=w: the network is called with w; without the option, w = 0.
     r = CliRunner().invoke(generate.main, [f'--network={snap}', f'--outdir={tmp_path / "w2"}', '--seeds=0-1', '--steps=4', '--guidance=2'])

@@ -130,7 +130,8 @@ def test_gaussian_rounds_reproduce_teacher_samples():
     assert method.num_steps == 2 and method.wants_snapshot()
     torch.testing.assert_close(sample(method.student, 2), teacher_8, rtol=0, atol=1e-6)
     snap = method.snapshot()['ema']
-    assert snap.sampling_spec == dict(solver='euler', grid='nested', num_steps=2, sigma_min=0.002, sigma_max=80, rho=7)
+    assert snap.sampling_spec == dict(solver='euler', grid='nested', num_steps=2, sigma_min=0.002, sigma_max=80, rho=7,
+                                      clip_denoised=True)
     train_rounds(method, t, 1)  # past the last round: nothing changes
     assert torch.equal(method.student.gain, snap.gain)
 
@@ -255,11 +256,13 @@ def test_cli_snapshot_per_round_sampled_by_generate_without_flags(files, tmp_pat
     assert snaps == ['network-snapshot-000001.pkl', 'network-snapshot-000002.pkl', 'network-snapshot-000004.pkl']
     for name, N in zip(snaps, [4, 2, 1]):
         net = generate.load_network(str(tmp_path / name))
-        assert net.sampling_spec == dict(solver='euler', grid='nested', num_steps=N, sigma_min=0.002, sigma_max=80, rho=7)
+        assert net.sampling_spec == dict(solver='euler', grid='nested', num_steps=N, sigma_min=0.002, sigma_max=80, rho=7,
+                                         clip_denoised=True)
     r = CliRunner().invoke(generate.main, [f'--network={tmp_path / snaps[-1]}', f'--outdir={tmp_path / "out"}', '--seeds=0-1'])
     assert r.exit_code == 0, r.output
     net = generate.load_network(str(tmp_path / snaps[-1]))
-    expected = generate.generate_batch(net, [0, 1], 'cpu', solver='euler', grid='nested', num_steps=1, sigma_max=80)
+    expected = generate.generate_batch(net, [0, 1], 'cpu', solver='euler', grid='nested', num_steps=1, sigma_max=80,
+                                       clip_denoised=True)
     for seed in [0, 1]:
         assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / 'out' / f'{seed:06d}.png')),
                               expected[seed].permute(1, 2, 0).numpy())

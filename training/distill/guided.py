@@ -163,13 +163,17 @@ class GuidedDistillation:
         return self.ema.ema if self.ema is not None else self.student
 
     def snapshot(self):
-        """The w-conditioned student: a diffusion model (Heun by default); generate.py --guidance=w picks w."""
-        return dict(ema=copy.deepcopy(self._sampled()).eval().requires_grad_(False).cpu())
+        """The w-conditioned student: a diffusion model (Heun by default), its denoised image clipped to [-1, 1] at
+        every step as progressive distillation's students (the official `eval_clip_denoised=True`: guidance pushes
+        D beyond the data range); generate.py --guidance=w picks w."""
+        net = copy.deepcopy(self._sampled()).eval().requires_grad_(False).cpu()
+        net.sampling_spec = dict(clip_denoised=True)
+        return dict(ema=net)
 
     @torch.no_grad()
     def sample(self, z, labels):
         w = torch.full([z.shape[0]], float(self.sample_guidance), device=z.device)
-        return edm_sampler(self._sampled(), z, labels, num_steps=self.sample_steps,
+        return edm_sampler(self._sampled(), z, labels, num_steps=self.sample_steps, clip_denoised=True,
                            model_kwargs=dict(guidance=w)).to(torch.float32)
 
     def state_dict(self):

@@ -169,7 +169,9 @@ class ProgressiveDistillation:
         return self.schedule[self.round][0]
 
     def sampling_spec(self):
-        return dict(solver='euler', grid='nested', num_steps=self.num_steps, **self.grid)
+        """N Euler steps on the nested grid, the denoised image clipped to [-1, 1] at every step (the official
+        evaluation's `eval_clip_denoised=True`; its few-step FIDs depend on it)."""
+        return dict(solver='euler', grid='nested', num_steps=self.num_steps, clip_denoised=True, **self.grid)
 
     def wants_snapshot(self):
         """True right after the last update of a round, so the loop writes that round's student."""
@@ -216,7 +218,7 @@ class ProgressiveDistillation:
         return self.ema.ema if self.ema is not None else self.student
 
     def snapshot(self):
-        """The current round's student (its EMA if any) with its N-step Euler sampling spec."""
+        """The current round's student (its EMA if any) with its N-step Euler sampling spec (clipped)."""
         net = copy.deepcopy(self._sampled()).eval().requires_grad_(False).cpu()
         net.sampling_spec = self.sampling_spec()
         return dict(ema=net)
@@ -224,7 +226,7 @@ class ProgressiveDistillation:
     @torch.no_grad()
     def sample(self, z, labels):
         w = torch.full([z.shape[0]], float(self.sample_guidance), device=z.device)
-        return euler_sampler(self._sampled(), z, labels, self.sigmas, self._model_kwargs(w)).to(torch.float32)
+        return euler_sampler(self._sampled(), z, labels, self.sigmas, self._model_kwargs(w), clip_denoised=True).to(torch.float32)
 
     def state_dict(self):
         state = dict(round=self.round, round_step=self.round_step, student=self.student.state_dict(),
