@@ -354,3 +354,17 @@ def test_clipped_euler_is_the_official_ddim_step():
     assert got.abs().max() <= 1 and samplers.euler_sampler(net, z, None, sigmas).abs().max() > 1.5
     net.sampling_spec = dict(ONE_STEP, num_steps=4, clip_denoised=True)  # a PD student: no flags needed
     assert torch.equal(samplers.sample(net, z), got)
+
+
+def test_iddpm_network_with_iddpm_discretization_visits_its_levels():
+    """--disc=iddpm on an iDDPM network (EDM's golden one): every level it is called at is one of its own u[j]."""
+    from golden import build_golden_net
+    net = build_golden_net('iddpm_dhariwal_16')
+    seen = []
+    forward = net.forward
+    net.forward = lambda x, sigma, *args, **kwargs: seen.append(torch.as_tensor(sigma).reshape(-1)) or forward(x, sigma, *args, **kwargs)
+    z = torch.randn([1, net.img_channels, 16, 16], generator=torch.Generator().manual_seed(9))
+    labels = torch.eye(net.label_dim)[[1]] if net.label_dim else None
+    samplers.sample(net, z, labels, discretization='iddpm', num_steps=4)
+    levels = torch.cat(seen).to(torch.float32)
+    assert len(levels) == 7 and all(bool((net.u == v).any()) for v in levels)
