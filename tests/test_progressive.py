@@ -294,13 +294,14 @@ def printed_options(output):
 # The README recipes (with the tests' tiny dataset in place of the real one), against the official configs:
 # google-research/google-research diffusion_distillation/diffusion_distillation/config/cifar_distill.py
 # (`start_num_steps = 8192`, `end_num_steps = 1`, `distill_steps_per_iter = 50000`, `batch_size=128`,
-# `learning_rate=5e-5`, `grad_clip=1.0`, `ema_decay=0.`, `mean_loss_weight_type='snr_trunc'`) and
+# `learning_rate=5e-5`, `grad_clip=1.0`, `ema_decay=0.`, `mean_loss_weight_type='snr_trunc'`, `randflip=True`) and
 # config/imagenet64_distill.py (`start_num_steps = 1024`, `batch_size=2048`, `learning_rate=1e-4`, the rest the same).
 def test_recipe_cifar10(files, tmp_path):
     r = cli(f'--outdir={tmp_path}', '--method=pd', f'--teacher={CIFAR10_COND}', f'--data={files / "cond.zip"}',
-            '--cond=1', '--batch=128', '--lr=5e-5', '--start-steps=8192', '--end-steps=1', '--dry-run')
+            '--cond=1', '--xflip=1', '--batch=128', '--lr=5e-5', '--start-steps=8192', '--end-steps=1', '--dry-run')
     assert r.exit_code == 0, r.output
     c = printed_options(r.output)
+    assert c['dataset_kwargs']['xflip'] is True  # `randflip=True`
     kw = c['method_kwargs']
     assert kw['class_name'] == 'training.distill.progressive.ProgressiveDistillation'
     assert (kw['start_steps'], kw['end_steps'], kw['round_kimg'], kw['final_round_kimg']) == (8192, 1, 6400, 6400)
@@ -318,7 +319,7 @@ def test_recipe_cifar10(files, tmp_path):
 
 def test_recipe_imagenet64(files, tmp_path):
     r = cli(f'--outdir={tmp_path}', '--method=pd', f'--teacher={IMAGENET64}', f'--data={files / "cond.zip"}',
-            '--cond=1', '--batch=2048', '--lr=1e-4', '--start-steps=1024', '--end-steps=1', '--dry-run')
+            '--cond=1', '--xflip=1', '--batch=2048', '--lr=1e-4', '--start-steps=1024', '--end-steps=1', '--dry-run')
     assert r.exit_code == 0, r.output
     c = printed_options(r.output)
     assert c['method_kwargs']['start_steps'] == 1024 and c['total_kimg'] == pytest.approx(10 * 50000 * 2048 / 1000)
