@@ -24,7 +24,7 @@ fi
 #    regression pairs (on the toy, L2 regression held G near its blurry start). 16 kimg = 250 fake-score updates,
 #    50 generator updates.
 $PY train.py --method=dmd --outdir=$OUT/dmd --teacher=$TOY/teacher-unet.pkl --device=cpu --seed=0 \
-    --batch=64 --lr=2e-4 --fake-lr=2e-3 --fake-steps=5 --sigma-init=80 --duration=0.016 --tick=4 --snap=100
+    --batch=64 --lr=2e-4 --fake-lr=2e-3 --fake-steps=5 --sigma-init=80 --ema=0.5 --duration=0.016 --tick=4 --snap=100
 RUN=$(ls -d $OUT/dmd/*/ | sort | tail -n 1); RUN=${RUN%/}
 SNAP=$(ls $RUN/network-snapshot-*.pkl | sort | tail -n 1)
 

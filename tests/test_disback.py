@@ -338,7 +338,7 @@ def test_converged_rule_reads_the_device_only_at_window_ends(tmp_path):
 
 # Batch 8: stage 1 is 3 steps (N = 3), then 6 generator steps switching every 2: switches at 2 and 4.
 ARGS = ['--method=disback', '--batch=8', '--tick=1', '--seed=1', '--device=cpu', '--lr=1e-4', '--nosubdir',
-        '--switch-every=2']
+        '--switch-every=2', '--ema=0.5']  # an EMA (not DMD's default) so resume checks it too
 STAGE1 = ['--stage1-kimg=0.024', '--path-nodes=3']
 
 

@@ -141,7 +141,7 @@ def teacher_pkl(tmp_path_factory):
 
 
 DMD_ARGS = ['--method=dmd', '--batch=8', '--tick=0.008', '--snap=1', '--dump=1', '--seed=1', '--device=cpu',
-            '--sigma-init=80', '--lr=1e-4']
+            '--sigma-init=80', '--lr=1e-4', '--ema=0.5']  # an EMA (not the default) so resume checks it too
 
 
 def test_cli_dmd_snapshot_samples_one_step_without_flags(teacher_pkl, tmp_path):
@@ -341,6 +341,18 @@ def test_cli_dmd_options_reach_the_method(teacher_pkl, tmp_path):
     assert r.exit_code == 0, r.output
     kw = json.loads(r.output.split('Training options:')[1].split('Output directory')[0])['method_kwargs']
     assert (kw['fake_sigma'], kw['lr_rampup_kimg'], kw['max_grad_norm']) == ('lognormal', 17.5, 1)
+
+
+def test_dmd_default_has_no_ema_as_dmd2(teacher_pkl, tmp_path):
+    """DMD2's official trainer keeps no EMA: tianweiy/DMD2 main/edm/train_edm.py has no EMA option or update, and its
+    checkpoints hold the raw generator. So neither DMD(...) nor train.py adds one unless --ema is given."""
+    assert DMD(GaussianDenoiser(torch.zeros(1, 2, 2), 0.5), 'cpu', batch_size=4).ema is None
+    args = [a for a in DMD_ARGS if not a.startswith('--ema')]
+    for extra, expected in [([], None), (['--ema=0'], None), (['--ema=0.5'], 500)]:
+        r = CliRunner().invoke(train.main, [f'--outdir={tmp_path}', f'--teacher={teacher_pkl}', *args, '--dry-run', *extra])
+        assert r.exit_code == 0, r.output
+        kw = json.loads(r.output.split('Training options:')[1].split('Output directory')[0])['method_kwargs']
+        assert kw['ema_halflife_kimg'] == expected
 
 
 def test_cli_dmd2_gan_head_trains(teacher_pkl, tmp_path):

@@ -101,6 +101,19 @@ def test_spec_conflicting_flag_is_an_error(tmp_path):
     result = run_cli('--network', pkl, '--outdir', tmp_path / 'out', '--S_churn', 5, '--device', 'cpu')
     assert result.exit_code == 1 and "apply only to grid 'edm'" in result.output
 
+
+def test_edm_ablation_options_bad_values(tmp_path):
+    """--disc/--schedule/--scaling take EDM's choices (others are a usage error, exit 2), and only on grid 'edm'."""
+    pkl = write_pkl(tmp_path / 'net.pkl', tiny_net())
+    result = run_cli('--network', pkl, '--outdir', tmp_path / 'out', '--disc', 'karras', '--device', 'cpu')
+    assert result.exit_code == 2 and "Invalid value for '--disc'" in result.output
+    net = tiny_net()
+    net.sampling_spec = dict(ONE_STEP)
+    pkl = write_pkl(tmp_path / 'student.pkl', net)
+    result = run_cli('--network', pkl, '--outdir', tmp_path / 'out', '--scaling', 'vp', '--device', 'cpu')
+    assert result.exit_code == 1 and "apply only to grid 'edm'" in result.output
+    assert not (tmp_path / 'out').exists()
+
 # ----------------------------------------------------------------------------
 # Outputs.
 
@@ -217,6 +230,40 @@ def test_golden_heun_images():
     # Observed: identical. Float kernels may differ from the reference machine's: allow rare 1-level flips.
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     assert samplers.sampler_settings(net, **settings)['solver'] == 'heun'
+
+
+def test_ablation_defaults_reproduce_the_golden_heun_images(tmp_path):
+    """EDM's ablation options at their defaults (--solver=heun --disc=edm --schedule=linear --scaling=none) give the
+    default sampler's pixels bit for bit, hence EDM's reference images (churn on)."""
+    settings = {k: v for k, v in golden_config()['sampler'].items() if k not in ('network', 'note')}
+    net = build_golden_net(golden_config()['sampler']['network'])
+    ref = golden_arrays('sampler')
+    seeds = ref['seeds'].tolist()
+    default = generate.generate_batch(net, seeds, 'cpu', **settings)
+    explicit = generate.generate_batch(net, seeds, 'cpu', discretization='edm', schedule='linear', scaling='none',
+                                       **dict(settings, solver='heun'))
+    assert torch.equal(default, explicit)
+    diff = np.abs(explicit.numpy().transpose(0, 2, 3, 1).astype(int) - ref['images'].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # as test_golden_heun_images
+
+
+@pytest.mark.parametrize('args', [
+    ['--disc', 'vp'], ['--disc', 've', '--schedule', 've'], ['--disc', 'iddpm', '--steps', '4'], ['--scaling', 'vp'],
+    ['--solver', 'euler', '--disc', 'vp', '--schedule', 'vp', '--scaling', 'vp', '--steps', '8'],  # EDM README, Fig. 2a
+])
+def test_edm_ablation_options_reach_the_sampler(tmp_path, args):
+    """generate.py --disc/--schedule/--scaling/--solver write what the sampler gives for those settings (their
+    formulas are checked in closed form in tests/test_samplers.py), and differ from the default."""
+    net = tiny_net(label_dim=4, seed=2)
+    pkl = write_pkl(tmp_path / 'net.pkl', net)
+    result = run_cli('--network', pkl, '--outdir', tmp_path / 'out', '--seeds', '0-1', '--steps', '5', *args, '--device', 'cpu')
+    assert result.exit_code == 0, result.output
+    names = dict(disc='discretization', steps='num_steps')
+    kwargs = {'num_steps': 5, **{names.get(k[2:], k[2:]): int(v) if k == '--steps' else v for k, v in zip(args[::2], args[1::2])}}
+    expected = generate.generate_batch(net, [0, 1], 'cpu', **kwargs)
+    for seed in [0, 1]:
+        assert np.array_equal(read_png(tmp_path / 'out' / f'{seed:06d}.png')[1], expected[seed].numpy().transpose(1, 2, 0))
+    assert not torch.equal(expected, generate.generate_batch(net, [0, 1], 'cpu', num_steps=kwargs['num_steps']))
 
 
 def test_torchrun_two_processes_write_the_same_pngs(tmp_path):

@@ -1,5 +1,6 @@
 """Guided distillation: the w embedding, the guided target against the exact mixture, training, stage two, CLI."""
 
+import copy
 import io
 import json
 import os
@@ -16,12 +17,13 @@ import generate
 import train
 from golden import fill_golden_weights
 from test_progressive import GainDenoiser, printed_options, tiny_teacher, train_rounds
-from torch_utils import persistence
+from torch_utils import persistence, training_stats
 from training import networks, samplers, toy
 from training import training_loop as loop_module
 from training.batching import Round, StepRandom
 from training.distill.guided import GuidedDistillation, cfg_target, make_guided_student
 from training.distill.progressive import ProgressiveDistillation
+from training.samplers import karras_sigma
 
 CIFAR10_COND = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl'
 CIFAR10_UNCOND = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl'
@@ -117,6 +119,33 @@ def test_stage_one_at_w0_is_already_optimal():
     assert all(torch.equal(before[k], v) for k, v in method.student.state_dict().items())
 
 
+def test_stage_one_loss_is_a_mean_over_pixels_and_batch(monkeypatch):
+    """The per-sample loss is lam(s) * meanflat((D_student - D_w)^2) and a step follows the gradient of its batch mean,
+    the reduction of the progressive-distillation code (google-research diffusion_distillation dpm.py `meanflat`,
+    model.py `v.mean()`), so --grad-clip thresholds mean what they mean there."""
+    dataset = dnnlib.EasyDict(resolution=8, num_channels=3, label_dim=4)
+    method = GuidedDistillation(tiny_teacher(4, label_dropout=0.1), torch.device('cpu'), batch_size=8, dataset=dataset,
+                                guidance_range=[1, 3], optimizer_kwargs=dict(class_name='torch.optim.SGD', lr=0.1),
+                                ema_halflife_kimg=None)
+    student = copy.deepcopy(method.student)
+    reported = {}
+    monkeypatch.setattr(training_stats, 'report', lambda name, value: reported.setdefault(name, value))
+    g = torch.Generator().manual_seed(3)
+    images, labels = torch.rand([8, 3, 8, 8], generator=g) * 2 - 1, torch.eye(4)[torch.randint(4, [8], generator=g)]
+    r = Round(images, labels, StepRandom(0, 0, 8, 'cpu'), 0, 8)
+    method.step([r], 0)
+    sigma = karras_sigma(r.rand('guided_sigma'), 0.002, 80, 7)
+    w = 1 + 2 * r.rand('guided_w')
+    x_s = images + sigma.reshape(-1, 1, 1, 1) * r.randn('guided_noise', 3, 8, 8)
+    D_w = cfg_target(method.teacher, None, x_s, sigma, labels, w)
+    lam = 1 / sigma ** 2 + 1 / 0.5 ** 2
+    expected = lam * (student(x_s, sigma, labels, guidance=w) - D_w).square().flatten(1).mean(1)
+    torch.testing.assert_close(reported['Loss/loss'], expected, rtol=1e-5, atol=0)
+    grads = torch.autograd.grad(expected.mean(), list(student.parameters()))
+    for p, q, dp in zip(method.student.parameters(), student.parameters(), grads):
+        torch.testing.assert_close(p - q, -0.1 * dp, rtol=1e-3, atol=1e-7)  # float32 weights: p - q rounds at ~1e-8
+
+
 def test_stage_one_learns_the_guided_target():
     """w ~ U[0, 4]: on held-out inputs at w = 4, the student's error to D_w falls well below the teacher's (its start)."""
     method = guided_method([0, 4], lr=2e-3)
@@ -206,7 +235,7 @@ def test_cli_stage_one_then_two_then_generate_with_guidance(files, tmp_path):
     assert (kw['guide'], kw['guidance_range'], kw['lr_rampup_kimg'], kw['ema_halflife_kimg']) == ('null', [0.0, 4.0], 0, 500)
     snap = str(tmp_path / 'one' / 'network-snapshot-000000.pkl')
     net = generate.load_network(snap)
-    assert net.init_kwargs['guidance_embed'] is True and getattr(net, 'sampling_spec', None) is None
+    assert net.init_kwargs['guidance_embed'] is True and net.sampling_spec == dict(clip_denoised=True)
 
     # generate.py --guidance=w: the network is called with w; without the option, w = 0.
     r = CliRunner().invoke(generate.main, [f'--network={snap}', f'--outdir={tmp_path / "w2"}', '--seeds=0-1', '--steps=4', '--guidance=2'])
@@ -275,9 +304,10 @@ def test_recipe_cifar10_stage_one_and_two(files, tmp_path):
     stage_one = tmp_path / 'guided-cifar10.pkl'
     stage_one.write_bytes(b'')  # a dry run checks only that the file exists
     r = cli(f'--outdir={tmp_path}', '--method=pd', f'--teacher={stage_one}', f'--data={files / "cond.zip"}', '--cond=1',
-            '--batch=128', '--lr=5e-5', '--start-steps=256', '--end-steps=1', '--w-range=0,4', '--dry-run')
+            '--batch=128', '--lr=5e-5', '--start-steps=8192', '--end-steps=1', '--w-range=0,4', '--dry-run')
     assert r.exit_code == 0, r.output
     assert printed_options(r.output)['method_kwargs']['guidance_range'] == [0, 4]
+    assert printed_options(r.output)['method_kwargs']['start_steps'] == 8192  # PD's official CIFAR-10 start
     assert os.listdir(tmp_path) == ['guided-cifar10.pkl']
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from golden import FIXTURES, build_golden_net, golden_arrays, golden_config, golden_net_names
-from training import networks
+from training import networks, samplers
 
 KEYS_DOC = FIXTURES / 'EDM_STATE_DICT_KEYS.md'
 
@@ -204,7 +204,7 @@ def test_iddpm_u_table_and_round_sigma():
     np.testing.assert_allclose(u.numpy(), ref, rtol=1e-5)
     assert net.sigma_min == float(u[999]) and net.sigma_max == float(u[0])
 
-    # round_sigma snaps to the nearest u, keeping shape and dtype; return_index gives j.
+    # round_sigma snaps to the nearest u (away from EDM's tie points, below), keeping shape and dtype; return_index gives j.
     sigma = torch.tensor([[0.002, 0.05], [1.0, 80.0]], dtype=torch.float64)
     j = (sigma.reshape(-1, 1) - u.double().reshape(1, -1)).abs().argmin(dim=1).reshape(2, 2)
     rounded = net.round_sigma(sigma)
@@ -213,6 +213,49 @@ def test_iddpm_u_table_and_round_sigma():
     assert torch.equal(net.round_sigma(sigma, return_index=True), j)
     assert torch.equal(net.round_sigma(u[[5, 500, 999]]), u[[5, 500, 999]])
     assert net.round_sigma(torch.tensor(0.5)).shape == ()
+
+
+def edm_round_index(u, sigma):
+    """EDM's choice of level, written from the official expression (NVlabs/edm training/networks.py,
+    iDDPMPrecond.round_sigma: `torch.cdist(sigma.to(self.u.device).to(torch.float32).reshape(1, -1, 1),
+    self.u.reshape(1, -1, 1)).argmin(2)`)."""
+    return torch.cdist(sigma.to(torch.float32).reshape(1, -1, 1), u.reshape(1, -1, 1)).argmin(2).reshape(sigma.shape)
+
+
+def test_iddpm_round_sigma_is_edms_at_its_tie_points_and_on_generate_schedules():
+    """EDM's iDDPM networks pick their level with torch.cdist in float32, which differs from the exactly nearest level
+    near the midpoints between levels. Tie points: for each pair of neighbouring levels u[j+1] < u[j], the least
+    float32 sigma that EDM maps to j (found by bisection on the float32 values between them); round_sigma must agree
+    with EDM there and one float32 step below, and on the Karras grids generate.py samples."""
+    net = _tiny('iDDPMPrecond')
+    u = net.u
+    lo, hi = u[1:].clone(), u[:-1].clone()  # EDM maps lo to j+1 and hi to j (every level is its own nearest)
+    j = torch.arange(1000)
+    assert torch.equal(edm_round_index(u, lo), j + 1) and torch.equal(edm_round_index(u, hi), j)
+    lo_bits, hi_bits = lo.view(torch.int32).long(), hi.view(torch.int32).long()  # positive floats order as their bits
+    for _ in range(32):
+        mid_bits = (lo_bits + hi_bits) // 2
+        to_j = edm_round_index(u, mid_bits.int().view(torch.float32)) == j
+        hi_bits, lo_bits = torch.where(to_j, mid_bits, hi_bits), torch.where(to_j, lo_bits, mid_bits)
+    tie = hi_bits.int().view(torch.float32)  # the least float32 that EDM maps to j
+    below = lo_bits.int().view(torch.float32)
+    assert torch.equal(edm_round_index(u, tie), j) and torch.equal(edm_round_index(u, below), j + 1)
+    assert torch.all(hi_bits - lo_bits == 1)
+    for sigma in [tie, below, tie.double(), below.double()]:
+        assert torch.equal(net.round_sigma(sigma, return_index=True), edm_round_index(u, sigma))
+        assert torch.equal(net.round_sigma(sigma), u[edm_round_index(u, sigma)].to(sigma.dtype))
+    exact = lambda sigma: (sigma.double().reshape(-1, 1) - u.double().reshape(1, -1)).abs().argmin(dim=1)
+    assert (exact(below) != j + 1).sum() > 100  # many tie points are off the exact midpoints: the old rule failed here
+
+    # generate.py's grids: Karras, rho 7, sigma in [max(0.002, sigma_min), min(80, sigma_max)], 2-128 steps, and
+    # --sigma_max=1 --steps=4; float64, as the sampler passes them.
+    grids = [samplers.karras_sigma(torch.arange(N, dtype=torch.float64) / (N - 1), max(0.002, net.sigma_min),
+                                   min(80, net.sigma_max), 7) for N in range(2, 129)]
+    grids.append(samplers.karras_sigma(torch.arange(4, dtype=torch.float64) / 3, max(0.002, net.sigma_min), 1, 7))
+    sigma = torch.cat(grids)
+    assert torch.equal(net.round_sigma(sigma, return_index=True), edm_round_index(u, sigma))
+    assert torch.equal(net.round_sigma(sigma), u[edm_round_index(u, sigma)].double())
+    assert (exact(sigma) != edm_round_index(u, sigma)).sum() > 0  # the grids do hit levels where the two rules differ
 
 # ----------------------------------------------------------------------------
 # Attention: EDM's qkv channel layout (head, channel-in-head, {q,k,v}) against a direct per-head computation.

@@ -1,4 +1,8 @@
-"""Teacher training (`--method=edm`): EDM's denoising objective, as one method of the shared training loop."""
+"""Teacher training (`--method=edm`): EDM's denoising objective, as one method of the shared training loop.
+
+Loss reduction, as EDM's training loop: the per-pixel loss summed over pixels and divided by the batch
+(`loss.sum().mul(loss_scaling / batch_gpu_total)`); no gradient clipping (EDM has none: `--grad-clip` is refused).
+"""
 
 import copy
 

@@ -18,6 +18,8 @@ deleted. A resume replays stage 1 from its last state and makes the same choices
 
 The stage logic is the mixin `Backtracking`, so that it composes with any DMD-like base class; see its docstring.
 `SiDDisBack` is DisBack on SiD: the walk replaces SiD's real score f_phi as it replaces DMD's mu_real.
+Loss reduction and clipping: those of its base class (DMD's: means over pixels and batch, clip at 10, as DMD2's code,
+on which the official DisBack release is built).
 """
 
 import copy

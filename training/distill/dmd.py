@@ -5,6 +5,12 @@ the one-step generator G(z) = G_net(s_init*z; s_init, c). Each generator update 
 gradient (p_fake - p_real) / mean|x - p_real| (plus 0.25 x LPIPS regression onto the teacher's ODE pairs in DMD);
 each fake-score update fits mu_fake to G's current samples by denoising. DMD2: two-time-scale updates
 (`fake_steps` fake updates per generator update) and a GAN head on the fake score's bottleneck.
+
+Loss reduction, as DMD2's official code (tianweiy/DMD2 main/edm/edm_guidance.py; DMD's own code was not released):
+every term is a mean, over pixels and the batch (`F.mse_loss(..., reduction="mean")` for the distribution-matching
+and fake-score losses, `.mean()` of the GAN terms), and both networks are clipped at global norm 10
+(`--max_grad_norm`, default 10, in main/edm/train_edm.py), so the clip acts on gradients of the scale it does there.
+EMA: none by default, as DMD2 (train_edm.py has no EMA, and its checkpoints are the raw generator).
 """
 
 import copy
@@ -97,7 +103,7 @@ class DMD:
         reg_kwargs      = {},           # distance options (e.g. LPIPS weight paths); LPIPS: resolution 224 unless given
         gan_g_weight    = 0.0,          # DMD2 GAN: generator's non-saturating loss weight (3e-3), 0 = off
         gan_d_weight    = 1e-2,         # DMD2 GAN: classifier loss weight, added to the fake-score loss
-        ema_halflife_kimg = 500,        # generator EMA half-life, None = no EMA
+        ema_halflife_kimg = None,       # generator EMA half-life, None = no EMA (DMD2's official code has none)
         ema_rampup_ratio  = 0.05,
         preview_sigma   = 2.5,          # noise level at which preview rows show the real and fake scores' denoising
     ):

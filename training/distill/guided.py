@@ -13,6 +13,10 @@ benchmark they left the student far off there). The guide D_u is
                 without labels; with labels: a weaker conditional model of the same kind (autoguidance, Karras et
                 al. 2024), called with the same labels. The user supplies that weaker model.
 
+Loss reduction: Meng et al. released no code; the loss is reduced as in progressive distillation's official code
+(the same authors' codebase): a mean over pixels per sample (`meanflat`), then over the batch, so `--grad-clip`
+thresholds mean what they mean there.
+
 Stage two is `--method=pd` on a stage-one snapshot with w carried through (--w-range). Sample any w with
 `generate.py --guidance=w`. See METHODS.md section 5.
 """
@@ -143,8 +147,9 @@ class GuidedDistillation:
             x_s = r.images + sigma.reshape(-1, 1, 1, 1) * r.randn('guided_noise', *self.img_shape)
             target = cfg_target(self.teacher, self.guide, x_s, sigma, r.labels, w)
             D = self.student(x_s, sigma, r.labels, guidance=w)
-            weight = ((sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2).reshape(-1, 1, 1, 1)
-            return training_stats.report('Loss/loss', weight * (D - target) ** 2)
+            weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+            # A mean over pixels per sample, then the batch mean (the updater), as progressive distillation's `meanflat`.
+            return training_stats.report('Loss/loss', weight * (D - target).square().mean(dim=[1, 2, 3]))
 
         self.optimizer.backward(rounds, loss_fn, self.per_rank_batch)
         self.optimizer.step(optim.rampup_lr(self.lr, cur_nimg, self.lr_rampup_kimg))
@@ -158,13 +163,17 @@ class GuidedDistillation:
         return self.ema.ema if self.ema is not None else self.student
 
     def snapshot(self):
-        """The w-conditioned student: a diffusion model (Heun by default); generate.py --guidance=w picks w."""
-        return dict(ema=copy.deepcopy(self._sampled()).eval().requires_grad_(False).cpu())
+        """The w-conditioned student: a diffusion model (Heun by default), its denoised image clipped to [-1, 1] at
+        every step as progressive distillation's students (the official `eval_clip_denoised=True`: guidance pushes
+        D beyond the data range); generate.py --guidance=w picks w."""
+        net = copy.deepcopy(self._sampled()).eval().requires_grad_(False).cpu()
+        net.sampling_spec = dict(clip_denoised=True)
+        return dict(ema=net)
 
     @torch.no_grad()
     def sample(self, z, labels):
         w = torch.full([z.shape[0]], float(self.sample_guidance), device=z.device)
-        return edm_sampler(self._sampled(), z, labels, num_steps=self.sample_steps,
+        return edm_sampler(self._sampled(), z, labels, num_steps=self.sample_steps, clip_denoised=True,
                            model_kwargs=dict(guidance=w)).to(torch.float32)
 
     def state_dict(self):

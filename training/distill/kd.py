@@ -11,6 +11,11 @@ Weight copy: encoder block j <- teacher block j (j < k), decoder block j <- teac
 block (k) <- the teacher's last (n), everything else by name. The student is a plain training.networks
 preconditioner built from constructor keywords, so pickles, the safe loader, generate.py and every distillation
 method accept it.
+
+Loss reduction: L_task is EDM's loss, summed over pixels and averaged over the batch (EDM's training loop), and the
+KD terms are per-pixel means scaled by the image size to the same sum. BK-SDM's script averages every term
+(`F.mse_loss(..., reduction="mean")`) and clips at global norm 1; here a `--grad-clip` threshold therefore acts on a
+gradient C*H*W times BK-SDM's scale (none is applied by default).
 """
 
 import contextlib

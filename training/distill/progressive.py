@@ -9,7 +9,11 @@ result itself), weighted as the official code does by truncated SNR, max(1/s^2, 
 option, by EDM's lam(s) = 1/s^2 + 1/sd^2, which is SNR + 4 for sd = 0.5). A round trains for a fixed number of
 updates (officially 50k for every round) with a fresh Adam, gradients clipped at global norm 1 and a learning rate
 decaying linearly from the base lr to 0 (no warm-up), then the student (or its EMA) becomes the next teacher and
-N halves. Stage two of guided distillation is this method with a w-conditioned teacher: w ~ U[w_min, w_max] is
+N halves. The loss is reduced as the official code does (dpm.py `meanflat`, then the batch mean): the weighted
+squared error is averaged over pixels and over the global batch, so the clip at global norm 1 acts on the gradient
+it acts on there (a sum over pixels would be C*H*W times larger and always clipped). One difference: the official
+code clips each device's gradient before averaging across devices; here the global gradient is clipped once, which
+keeps the run independent of the number of processes. Stage two of guided distillation is this method with a w-conditioned teacher: w ~ U[w_min, w_max] is
 drawn per sample and given to teacher and student alike. See METHODS.md section 4.
 
 x comes from --data: PD needs real (or teacher-generated) images, and generating them with the teacher's own
@@ -94,7 +98,8 @@ class ProgressiveDistillation:
         device,                         # torch.device of this rank
         batch_size,                     # global batch
         dataset             = None,     # training images (required: x of the training samples)
-        start_steps         = 256,      # the first teacher's Euler steps; the first student gets half
+        start_steps         = 1024,     # the first teacher's Euler steps; the first student gets half (official:
+                                        # CIFAR-10 8192, ImageNet-64 1024; the smaller is the default)
         end_steps           = 1,        # steps of the last round's student
         round_kimg          = 6400,     # length of a halving round (official: 50k updates of 128 on CIFAR-10)
         final_round_kimg    = None,     # length of the rounds to 2 and 1 steps, None = round_kimg (official)
@@ -164,7 +169,9 @@ class ProgressiveDistillation:
         return self.schedule[self.round][0]
 
     def sampling_spec(self):
-        return dict(solver='euler', grid='nested', num_steps=self.num_steps, **self.grid)
+        """N Euler steps on the nested grid, the denoised image clipped to [-1, 1] at every step (the official
+        evaluation's `eval_clip_denoised=True`; its few-step FIDs depend on it)."""
+        return dict(solver='euler', grid='nested', num_steps=self.num_steps, clip_denoised=True, **self.grid)
 
     def wants_snapshot(self):
         """True right after the last update of a round, so the loop writes that round's student."""
@@ -193,8 +200,9 @@ class ProgressiveDistillation:
             x_s = r.images.to(torch.float64) + sigma.reshape(-1, 1, 1, 1) * r.randn('pd_noise', *self.img_shape).to(torch.float64)
             target = pd_target(self.teacher, x_s, sigma, sigma_mid, sigma_next, labels, self._model_kwargs(w))
             D = self.student(x_s, sigma, labels, **self._model_kwargs(w))
-            weight = loss_weight(sigma, self.weight, self.sigma_data).to(torch.float32).reshape(-1, 1, 1, 1)
-            return training_stats.report('Loss/loss', weight * (D - target.to(torch.float32)) ** 2)
+            weight = loss_weight(sigma, self.weight, self.sigma_data).to(torch.float32)
+            # A mean over pixels per sample (the updater then averages over the batch), as the official `meanflat`.
+            return training_stats.report('Loss/loss', weight * (D - target.to(torch.float32)).square().mean(dim=[1, 2, 3]))
 
         self.optimizer.backward(rounds, loss_fn, self.per_rank_batch)
         self.optimizer.step(self.lr * (1 - self.round_step / self.schedule[self.round][1]))  # linear decay to 0 within the round
@@ -210,7 +218,7 @@ class ProgressiveDistillation:
         return self.ema.ema if self.ema is not None else self.student
 
     def snapshot(self):
-        """The current round's student (its EMA if any) with its N-step Euler sampling spec."""
+        """The current round's student (its EMA if any) with its N-step Euler sampling spec (clipped)."""
         net = copy.deepcopy(self._sampled()).eval().requires_grad_(False).cpu()
         net.sampling_spec = self.sampling_spec()
         return dict(ema=net)
@@ -218,7 +226,7 @@ class ProgressiveDistillation:
     @torch.no_grad()
     def sample(self, z, labels):
         w = torch.full([z.shape[0]], float(self.sample_guidance), device=z.device)
-        return euler_sampler(self._sampled(), z, labels, self.sigmas, self._model_kwargs(w)).to(torch.float32)
+        return euler_sampler(self._sampled(), z, labels, self.sigmas, self._model_kwargs(w), clip_denoised=True).to(torch.float32)
 
     def state_dict(self):
         state = dict(round=self.round, round_step=self.round_step, student=self.student.state_dict(),
