@@ -475,12 +475,28 @@ def main(**kwargs):
     """
     try:
         finished = _main(dnnlib.EasyDict(kwargs))
-    except OSError as e:  # a full disk, a read-only --outdir, ...: one line naming the file
-        raise click.ClickException(dnnlib.util.os_error_message(e)) from e
-    except dnnlib.util.RunError as e:
-        raise click.ClickException(str(e)) from e
+    except (OSError, dnnlib.util.RunError, torch.OutOfMemoryError, click.ClickException) as e:
+        error = _one_line(e)
+        if distributed.is_distributed():  # under torchrun: the line, then exit before a peer's collective holds us
+            error.show()
+            distributed.exit_now(error.exit_code)
+        if error is e:
+            raise
+        raise error from e
     if finished is False:  # stopped by SIGTERM/SIGINT with its state written: a scheduler should requeue it
         raise click.exceptions.Exit(dnnlib.util.EXIT_STOPPED)
+
+
+def _one_line(e):
+    """The error the user sees: one line naming the file or option and the fix."""
+    if isinstance(e, click.ClickException):
+        return e
+    if isinstance(e, OSError):  # a full disk, a read-only --outdir, ...: one line naming the file
+        return click.ClickException(dnnlib.util.os_error_message(e))
+    if isinstance(e, torch.OutOfMemoryError):  # torch's message is a paragraph: its first two sentences
+        return click.ClickException(f'{". ".join(str(e).split(". ")[:2])}; lower --batch-gpu (gradient accumulation '
+                                    f'gives the same result) or use a device with more memory')
+    return click.ClickException(str(e))
 
 
 def _main(opts):
@@ -609,13 +625,14 @@ def _main(opts):
         _print_options(c, world_size)
         if transfer_note:
             distributed.print0(transfer_note)
-        return training_loop.training_loop(**c, device=device)
+        finished = training_loop.training_loop(**c, device=device)
     finally:
         if logger is not None:
             logger.close()
         if lock is not None:
             lock.close()  # releases the lock (the kernel does so too when a process dies)
-        distributed.shutdown()
+    distributed.shutdown()  # finished or stopped; an error leaves through main(), which exits at once under torchrun
+    return finished
 
 
 def _print_options(c, world_size):

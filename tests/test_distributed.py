@@ -4,8 +4,10 @@ import contextlib
 import datetime
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import click
 import numpy as np
@@ -105,3 +107,83 @@ def test_dataset_verified_in_shares_and_every_rank_stops_with_the_same_line(tmp_
     lines = [l for l in p.stdout.splitlines() + p.stderr.splitlines() if l.startswith('Error: ')]
     assert p.returncode != 0 and len(lines) == 2 and len(set(lines)) == 1, p.stdout + p.stderr
     assert 'img00000005.png' in lines[0] and not (tmp_path / 'runs').exists()
+
+# ----------------------------------------------------------------------------
+# A rank that fails ends the job in seconds: it prints its one line and exits without destroy_process_group, whose
+# NCCL version waits for the peers' collectives (PyTorch >= 2.6) while the peers wait for the failed rank.
+
+FAULTY_TRAIN = '''
+import errno, os, sys, time
+sys.path.insert(0, os.getcwd())
+import torch
+import dnnlib
+import train
+from torch_utils import distributed
+from training import training_loop
+from training.batching import StepRandom
+
+def like_nccl(group=None):  # gloo's returns at once; NCCL's waits for peers that wait for this rank: for ever
+    time.sleep(3600)
+torch.distributed.destroy_process_group = like_nccl
+
+class OutOfMemoryOnRank1(StepRandom):
+    def __init__(self, seed, step, *rest):
+        super().__init__(seed, step, *rest)
+        if step == 1 and distributed.get_rank() == 1:
+            print(f'FAULT AT {time.time()}', flush=True)
+            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has a total capacity '
+                                         'of 79.19 GiB of which 1.06 GiB is free. Of the allocated memory ...')
+
+atomic_write = dnnlib.util.atomic_write
+def disk_full_in_state_writes(path, *args, **kwargs):  # only rank 0 writes
+    if os.path.basename(path).startswith('training-state-'):
+        print(f'FAULT AT {time.time()}', flush=True)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return atomic_write(path, *args, **kwargs)
+
+if os.environ['FAULT'] == 'rank 1 out of memory':
+    training_loop.StepRandom = OutOfMemoryOnRank1
+else:
+    dnnlib.util.atomic_write = disk_full_in_state_writes
+train.main()
+'''
+
+
+def run_torchrun(args, env, timeout):
+    """torchrun ARGS, killed with its workers if it outlives `timeout`: (exit code, output, end time); exit code None
+    on a timeout."""
+    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', *args], cwd=ROOT, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+        return p.returncode, out, time.time()
+    except subprocess.TimeoutExpired:
+        kill_with_children(p.pid)
+        return None, p.communicate()[0], time.time()
+
+
+def kill_with_children(pid):
+    """SIGKILL a process and its descendants (torchrun starts its workers in sessions of their own)."""
+    import psutil
+    parent = psutil.Process(pid)
+    for proc in [*parent.children(recursive=True), parent]:
+        proc.kill()
+
+
+@pytest.mark.parametrize('fault, line', [
+    ('rank 1 out of memory', 'Error: CUDA out of memory. Tried to allocate 2.00 GiB; lower --batch-gpu'),
+    ('rank 0 disk full in a state write', 'training-state-000000.pt": No space left on device; free disk space')])
+def test_a_failing_rank_ends_the_job_in_seconds(tmp_path, fault, line):
+    from dataset_tool import save_dataset
+    rng = np.random.default_rng(0)
+    save_dataset(str(tmp_path / 'data.zip'), [rng.integers(0, 256, [8, 8, 3], dtype=np.uint8) for _ in range(8)], None)
+    (tmp_path / 'faulty_train.py').write_text(FAULTY_TRAIN)
+    env = dict(os.environ, OMP_NUM_THREADS='1', FAULT=fault, EDM_DISTILL_TIMEOUT_MIN='0.5')
+    code, out, end = run_torchrun(['--standalone', '--nproc_per_node=2', str(tmp_path / 'faulty_train.py'),
+                                   f'--outdir={tmp_path / "run"}', f'--data={tmp_path / "data.zip"}', '--device=cpu',
+                                   '--batch=8', '--cbase=16', '--cres=1', '--duration=0.00004', '--tick=0.008',
+                                   '--dump=1', '--snap=1000', '--workers=0', '--nosubdir'], env, timeout=120)
+    faults = [float(l.split()[-1]) for l in out.splitlines() if l.startswith('FAULT AT ')]
+    errors = [l for l in out.splitlines() if l.startswith('Error: ')]
+    assert code == 1 and len(faults) == 1 and end - faults[0] < 30, (code, out[-3000:])
+    assert len(errors) == 1 and line in errors[0], out[-3000:]
