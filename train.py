@@ -608,6 +608,9 @@ def _main(opts):
         distributed.print0('Dry run; exiting.')
         return None
 
+    # Kept until the process exits (never restored): a signal during the shutdown after the loop must not turn the
+    # exit code 0 or 75 into 143.
+    training_loop.catch_stop_signals()
     lock = logger = None
     try:
         if distributed.get_rank() == 0:

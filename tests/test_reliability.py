@@ -518,6 +518,42 @@ def test_exit_codes(files, tmp_path, monkeypatch, case, code):
         assert latest_state(tmp_path / 'run')['step'] == 1
         assert f'Received {case}: training state written' in r.output
 
+SIGNAL_IN_SHUTDOWN = '''
+import functools, os, signal, sys
+sys.path.insert(0, os.getcwd())
+import train
+from torch_utils import distributed
+from training import training_loop
+from training.batching import StepRandom
+
+training_loop.training_loop = functools.partial(training_loop.training_loop, preview_grid=0)  # as no_previews
+
+shutdown = distributed.shutdown
+def signalled_shutdown():  # a scheduler's SIGTERM after "Exiting..." (or after "Received SIGTERM")
+    os.kill(os.getpid(), signal.SIGTERM)
+    shutdown()
+distributed.shutdown = signalled_shutdown
+
+class SigtermDuringStep(StepRandom):
+    def __init__(self, *args):
+        super().__init__(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+if sys.argv.pop(1) == 'stopped':
+    training_loop.StepRandom = SigtermDuringStep
+train.main()
+'''
+
+
+@pytest.mark.parametrize('case, code', [('finished', 0), ('stopped', dnnlib.util.EXIT_STOPPED)])
+def test_sigterm_during_shutdown_keeps_the_exit_code(files, tmp_path, case, code):
+    """A signal after the loop, while train.py shuts down, is caught like one during it: the exit code stays 0 or 75
+    (it was 143, the default handlers being back)."""
+    args = [a.format(data=files / 'cond.zip') for a in BASE]
+    p = subprocess.run([sys.executable, '-c', SIGNAL_IN_SHUTDOWN, case, f'--outdir={tmp_path / "run"}', *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == code, p.stdout[-2000:] + p.stderr[-2000:]
+    assert ('Exiting...' if case == 'finished' else 'Received SIGTERM: training state written') in p.stdout
+
 # ----------------------------------------------------------------------------
 # The safe loader: every malformed file is a PickleLoadError (seeded fuzzing of a snapshot the tests made).
 
