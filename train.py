@@ -454,6 +454,7 @@ METHODS = {'edm': setup_edm, 'dmd': setup_dmd, 'kd': setup_kd, 'pd': setup_pd, '
 @click.option('--detector',      help='Detector for every --metrics: inception, vgg16, pixels or PKL (--trust-pickle)  [default: inception for fid/is, vgg16 for pr]', metavar='NAME|PKL', type=str)
 # Performance and I/O.
 @click.option('--bench',         help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True)
+@click.option('--deterministic', help='Deterministic CUDA kernels (--bench=0): bitwise resume on GPUs too', is_flag=True)
 @click.option('--cache',         help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True)
 @click.option('--workers',       help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=1)
 @click.option('--device',        help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
@@ -501,6 +502,12 @@ def _one_line(e):
 
 def _main(opts):
     """The command; returns True when training finished, False when it was stopped (None: dry run)."""
+    if opts.deterministic:
+        if _given('bench') and opts.bench:
+            raise click.ClickException('--deterministic turns cuDNN benchmarking off (it picks kernels by timing); '
+                                       'drop --bench=1')
+        if os.environ.get('CUBLAS_WORKSPACE_CONFIG') not in (':4096:8', ':16:8'):  # cuBLAS's deterministic settings
+            os.environ['CUBLAS_WORKSPACE_CONFIG'] = ':4096:8'  # before CUDA starts, as cuBLAS requires
     try:
         device = distributed.init(opts.device)
     except ValueError as e:  # a malformed $EDM_DISTILL_TIMEOUT_MIN
@@ -541,6 +548,9 @@ def _main(opts):
                     _check_pairs(c.method_kwargs, opts.teacher, teacher)
             elif not dnnlib.util.is_url(opts.teacher) and not os.path.isfile(opts.teacher):
                 raise click.ClickException(f'--teacher: no such file "{opts.teacher}"')
+    if opts.deterministic and device.type == 'cuda' and c.method_kwargs.get('pairs') and c.method_kwargs.reg_loss == 'lpips':
+        raise click.ClickException('--deterministic: LPIPS upsamples bilinearly, whose CUDA backward has no '
+                                   'deterministic kernel; use --reg-loss=l2 or pseudo_huber, or drop --deterministic')
     c.trust_pickle = opts.trust_pickle
     c.batch_size = opts.batch
     c.batch_gpu = batch_gpu
@@ -548,7 +558,9 @@ def _main(opts):
     c.kimg_per_tick = opts.tick
     c.snapshot_ticks = opts.snap
     c.state_dump_ticks = opts.dump
-    c.cudnn_benchmark = opts.bench
+    c.cudnn_benchmark = opts.bench and not opts.deterministic
+    if opts.deterministic:  # recorded only when on, so that runs from before the option resume
+        c.deterministic = True
     if opts.tensorboard:
         try:
             importlib.import_module('torch.utils.tensorboard')  # needs the tensorboard package

@@ -1,5 +1,6 @@
 """One intra-op thread per process: the tests use tiny networks, where extra threads only add contention
-(and the torchrun tests start two processes on a 2-core machine). Signal handlers are restored after each test."""
+(and the torchrun tests start two processes on a 2-core machine). Signal handlers and torch's
+deterministic mode are restored after each test."""
 
 import os
 import signal
@@ -14,10 +15,12 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """train.main keeps its SIGTERM/SIGINT handlers until its process exits; in the test process they end with the
-    test, so that Ctrl-C still stops pytest."""
+def restore_process_settings():
+    """train.main keeps its SIGTERM/SIGINT handlers until its process exits, and --deterministic sets a torch-wide
+    mode: in the test process both end with the test (so that Ctrl-C still stops pytest)."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    deterministic = torch.are_deterministic_algorithms_enabled()
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
+    torch.use_deterministic_algorithms(deterministic)

@@ -158,11 +158,13 @@ def training_loop(
     precision           = None,     # every network's backbone: 'fp32', 'bf16', 'fp16' (autocast), None = EDM's use_fp16 rule
     loss_scaling        = None,     # fp16: 'dynamic' or a static scale (EDM's --ls); None = off
     tf32                = False,    # allow TF32 in float32 matmuls/convolutions on CUDA
+    deterministic       = False,    # deterministic CUDA kernels (the caller sets $CUBLAS_WORKSPACE_CONFIG and benchmark off)
     **kwargs,                       # the loop's settings, see _training_loop
 ):
     """The whole run, every network and optimizer of it, in one precision."""
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+    torch.use_deterministic_algorithms(deterministic)  # an op with no deterministic CUDA kernel raises
     with networks.backbone_precision(precision), optim.loss_scaling(loss_scaling):
         return _training_loop(**kwargs)
 
