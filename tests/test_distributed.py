@@ -29,11 +29,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_timeout_from_environment(monkeypatch):
     seen = {}
     monkeypatch.setattr(torch.distributed, 'init_process_group', lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(torch.distributed, 'new_group', lambda **kwargs: seen.update(stop_group=kwargs))
+    monkeypatch.setattr(sys, 'excepthook', sys.excepthook)  # init makes a traceback end the process at once
     monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: False)
     monkeypatch.setenv('WORLD_SIZE', '1')
     monkeypatch.delenv('EDM_DISTILL_TIMEOUT_MIN', raising=False)
     distributed.init('cpu')
     assert seen['timeout'] == datetime.timedelta(minutes=60) and seen['backend'] == 'gloo'
+    assert seen['stop_group'] == dict(backend='gloo', timeout=datetime.timedelta(minutes=60))
     monkeypatch.setenv('EDM_DISTILL_TIMEOUT_MIN', '180')
     distributed.init('cpu')
     assert seen['timeout'] == datetime.timedelta(hours=3)
