@@ -139,6 +139,19 @@ def test_sigterm_and_resume_is_bitwise_exact(files, tmp_path, monkeypatch, name)
     assert full['step'] == steps
     assert_equal_trees(full, resumed)
 
+def test_sigterm_during_the_loops_setup_stops_at_the_first_step(files, tmp_path, monkeypatch):
+    """train.py catches the signals before the loop builds its networks: a SIGTERM then is kept, not dropped, and
+    the run stops at its first step boundary with a state."""
+    class SigtermInSetup(loop_module.IndexStream):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(loop_module, 'IndexStream', SigtermInSetup)
+    r = invoke(f'--outdir={tmp_path / "run"}', *[a.format(data=files / 'cond.zip') for a in BASE])
+    assert r.exit_code == dnnlib.util.EXIT_STOPPED and 'Received SIGTERM: training state written' in r.output, r.output
+    assert latest_state(tmp_path / 'run')['step'] == 0
+
+
 def test_deterministic_sets_torch_and_is_checked_on_resume(files, tmp_path, monkeypatch):
     """--deterministic: deterministic algorithms, cuDNN benchmarking off and cuBLAS's workspace setting in the step;
     recorded in training_options.json and, like the options that define the run, refused as a change on resume."""
