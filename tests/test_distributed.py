@@ -259,11 +259,6 @@ def test_two_nodes_equal_one_process_and_stop_together(tmp_path, monkeypatch):
     args = [f'--data={tmp_path / "data.zip"}', '--cond=1', '--cbase=16', '--cres=1', '--dropout=0.13', '--augment=0.5',
             '--batch=8', f'--duration={(steps * 8 - 0.5) * 1e-6}', '--tick=0.008', '--snap=1000', '--dump=1000',
             '--workers=0', '--device=cpu', '--seed=1', '--nosubdir']
-    monkeypatch.setattr(loop_module, 'training_loop', functools.partial(loop_module.training_loop, preview_grid=0))
-    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "one"}', '--batch-gpu=4', *args])
-    assert r.exit_code == 0, r.output
-    one = torch.load(loop_module.find_latest_state(str(tmp_path / 'one')), weights_only=True)
-
     rdzv, static = readme_node_commands(free_port(), free_port())
     nodes = start_nodes([rdzv, rdzv], [f'--outdir={tmp_path / "two"}', *args], tmp_path, 'cut')
     while not any(l.startswith('tick ') for _p, out in nodes for l in out.read_text().splitlines()):
@@ -277,6 +272,11 @@ def test_two_nodes_equal_one_process_and_stop_together(tmp_path, monkeypatch):
 
     nodes = start_nodes(static, [f'--outdir={tmp_path / "two"}', f'--resume={tmp_path / "two"}', *args], tmp_path,
                         'resume')
+    # Meanwhile (it only overlaps the resume's start), one process in this one.
+    monkeypatch.setattr(loop_module, 'training_loop', functools.partial(loop_module.training_loop, preview_grid=0))
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "one"}', '--batch-gpu=4', *args])
+    assert r.exit_code == 0, r.output
+    one = torch.load(loop_module.find_latest_state(str(tmp_path / 'one')), weights_only=True)
     codes, out = wait_nodes(nodes, timeout=60)
     assert codes == [0, 0], (codes, out[-3000:])
     two = torch.load(loop_module.find_latest_state(str(tmp_path / 'two')), weights_only=True)
