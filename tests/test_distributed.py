@@ -179,7 +179,8 @@ def kill_with_children(pid):
 
 @pytest.mark.parametrize('fault, line', [
     ('rank 1 out of memory', 'Error: CUDA out of memory. Tried to allocate 2.00 GiB; lower --batch-gpu'),
-    ('rank 0 disk full in a state write', 'training-state-000000.pt": No space left on device; free disk space')])
+    ('rank 0 disk full in a state write', 'training-state-000000.pt": No space left on device; free disk space')],
+    ids=['rank-1-out-of-memory', 'rank-0-disk-full-in-state-write'])
 def test_a_failing_rank_ends_the_job_in_seconds(tmp_path, fault, line):
     from dataset_tool import save_dataset
     rng = np.random.default_rng(0)
