@@ -485,6 +485,7 @@ METHODS = {'edm': setup_edm, 'dmd': setup_dmd, 'kd': setup_kd, 'pd': setup_pd, '
 @click.option('--detector',      help='Detector for every --metrics: inception, vgg16, pixels or PKL (--trust-pickle)  [default: inception for fid/is, vgg16 for pr]', metavar='NAME|PKL', type=str)
 # Performance and I/O.
 @click.option('--bench',         help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True)
+@click.option('--deterministic', help='Deterministic CUDA kernels (--bench=0): bitwise resume on GPUs too', is_flag=True)
 @click.option('--cache',         help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True)
 @click.option('--workers',       help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=1)
 @click.option('--device',        help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
@@ -506,16 +507,38 @@ def main(**kwargs):
     """
     try:
         finished = _main(dnnlib.EasyDict(kwargs))
-    except OSError as e:  # a full disk, a read-only --outdir, ...: one line naming the file
-        raise click.ClickException(dnnlib.util.os_error_message(e)) from e
-    except dnnlib.util.RunError as e:
-        raise click.ClickException(str(e)) from e
+    except (OSError, dnnlib.util.RunError, torch.OutOfMemoryError, click.ClickException) as e:
+        error = _one_line(e)
+        if distributed.is_distributed():  # under torchrun: the line, then exit before a peer's collective holds us
+            error.show()
+            distributed.exit_now(error.exit_code)
+        if error is e:
+            raise
+        raise error from e
     if finished is False:  # stopped by SIGTERM/SIGINT with its state written: a scheduler should requeue it
         raise click.exceptions.Exit(dnnlib.util.EXIT_STOPPED)
 
 
+def _one_line(e):
+    """The error the user sees: one line naming the file or option and the fix."""
+    if isinstance(e, click.ClickException):
+        return e
+    if isinstance(e, OSError):  # a full disk, a read-only --outdir, ...: one line naming the file
+        return click.ClickException(dnnlib.util.os_error_message(e))
+    if isinstance(e, torch.OutOfMemoryError):  # torch's message is a paragraph: its first two sentences
+        return click.ClickException(f'{". ".join(str(e).split(". ")[:2])}; lower --batch-gpu (gradient accumulation '
+                                    f'gives the same result) or use a device with more memory')
+    return click.ClickException(str(e))
+
+
 def _main(opts):
     """The command; returns True when training finished, False when it was stopped (None: dry run)."""
+    if opts.deterministic:
+        if _given('bench') and opts.bench:
+            raise click.ClickException('--deterministic turns cuDNN benchmarking off (it picks kernels by timing); '
+                                       'drop --bench=1')
+        if os.environ.get('CUBLAS_WORKSPACE_CONFIG') not in (':4096:8', ':16:8'):  # cuBLAS's deterministic settings
+            os.environ['CUBLAS_WORKSPACE_CONFIG'] = ':4096:8'  # before CUDA starts, as cuBLAS requires
     try:
         device = distributed.init(opts.device)
     except ValueError as e:  # a malformed $EDM_DISTILL_TIMEOUT_MIN
@@ -561,6 +584,9 @@ def _main(opts):
                     _check_pairs(c.method_kwargs, opts.teacher, teacher)
             elif not dnnlib.util.is_url(opts.teacher) and not os.path.isfile(opts.teacher):
                 raise click.ClickException(f'--teacher: no such file "{opts.teacher}"')
+    if opts.deterministic and device.type == 'cuda' and c.method_kwargs.get('pairs') and c.method_kwargs.reg_loss == 'lpips':
+        raise click.ClickException('--deterministic: LPIPS upsamples bilinearly, whose CUDA backward has no '
+                                   'deterministic kernel; use --reg-loss=l2 or pseudo_huber, or drop --deterministic')
     c.trust_pickle = opts.trust_pickle
     c.batch_size = opts.batch
     c.batch_gpu = batch_gpu
@@ -568,7 +594,9 @@ def _main(opts):
     c.kimg_per_tick = opts.tick
     c.snapshot_ticks = opts.snap
     c.state_dump_ticks = opts.dump
-    c.cudnn_benchmark = opts.bench
+    c.cudnn_benchmark = opts.bench and not opts.deterministic
+    if opts.deterministic:  # recorded only when on, so that runs from before the option resume
+        c.deterministic = True
     if opts.tensorboard:
         try:
             importlib.import_module('torch.utils.tensorboard')  # needs the tensorboard package
@@ -628,6 +656,9 @@ def _main(opts):
         distributed.print0('Dry run; exiting.')
         return None
 
+    # Kept until the process exits (never restored): a signal during the shutdown after the loop must not turn the
+    # exit code 0 or 75 into 143.
+    training_loop.catch_stop_signals()
     lock = logger = None
     try:
         if distributed.get_rank() == 0:
@@ -645,13 +676,14 @@ def _main(opts):
         _print_options(c, world_size)
         if transfer_note:
             distributed.print0(transfer_note)
-        return training_loop.training_loop(**c, device=device)
+        finished = training_loop.training_loop(**c, device=device)
     finally:
         if logger is not None:
             logger.close()
         if lock is not None:
             lock.close()  # releases the lock (the kernel does so too when a process dies)
-        distributed.shutdown()
+    distributed.shutdown()  # finished or stopped; an error leaves through main(), which exits at once under torchrun
+    return finished
 
 
 def _resolution(opts, ds, device):

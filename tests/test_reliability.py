@@ -90,6 +90,8 @@ SID_DISBACK = ['--method=sid-disback', '--teacher={teacher}', '--lr=1e-4', '--st
 # name: (options, total steps, range of the step during which SIGTERM arrives)
 RESUME_CASES = {
     'edm': (['--data={data}', '--cond=1', *EDM_NET, '--dropout=0.13', '--augment=0.5', '--workers=1'], 5, (0, 3)),
+    'edm-deterministic': (['--data={data}', '--cond=1', *EDM_NET, '--dropout=0.13', '--augment=0.5', '--deterministic'],
+                          4, (0, 2)),
     'dmd': (['--method=dmd', '--teacher={teacher}', '--data={data}', '--cond=1', *DMD, '--pairs={pairs}',
              '--reg-loss=l2', '--gan-g=3e-3'], 5, (0, 3)),
     'disback-stage1': (DISBACK, 9, (0, 1)),  # stage 1 is 3 steps
@@ -136,6 +138,51 @@ def test_sigterm_and_resume_is_bitwise_exact(files, tmp_path, monkeypatch, name)
     full, resumed = latest_state(tmp_path / 'full'), latest_state(tmp_path / 'cut')
     assert full['step'] == steps
     assert_equal_trees(full, resumed)
+
+def test_sigterm_during_the_loops_setup_stops_at_the_first_step(files, tmp_path, monkeypatch):
+    """train.py catches the signals before the loop builds its networks: a SIGTERM then is kept, not dropped, and
+    the run stops at its first step boundary with a state."""
+    class SigtermInSetup(loop_module.IndexStream):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(loop_module, 'IndexStream', SigtermInSetup)
+    r = invoke(f'--outdir={tmp_path / "run"}', *[a.format(data=files / 'cond.zip') for a in BASE])
+    assert r.exit_code == dnnlib.util.EXIT_STOPPED and 'Received SIGTERM: training state written' in r.output, r.output
+    assert latest_state(tmp_path / 'run')['step'] == 0
+
+
+def test_deterministic_sets_torch_and_is_checked_on_resume(files, tmp_path, monkeypatch):
+    """--deterministic: deterministic algorithms, cuDNN benchmarking off and cuBLAS's workspace setting in the step;
+    recorded in training_options.json and, like the options that define the run, refused as a change on resume."""
+    monkeypatch.delenv('CUBLAS_WORKSPACE_CONFIG', raising=False)
+    seen = []
+
+    class Recorded(StepRandom):
+        def __init__(self, *args):
+            super().__init__(*args)
+            seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+                         os.environ.get('CUBLAS_WORKSPACE_CONFIG')))
+    monkeypatch.setattr(loop_module, 'StepRandom', Recorded)
+    args = [f'--outdir={tmp_path / "run"}', *[a.format(data=files / 'cond.zip') for a in BASE]]
+    r = invoke(*args, '--deterministic')
+    assert r.exit_code == 0, r.output
+    assert seen == [(True, False, ':4096:8')] * 2
+    options = json.loads((tmp_path / 'run' / 'training_options.json').read_text())
+    assert options['deterministic'] is True and options['cudnn_benchmark'] is False
+    r = invoke(*args, f'--resume={tmp_path / "run"}', '--duration=0.00003')
+    assert r.exit_code == 1 and 'deterministic: true -> (absent)' in r.output, r.output
+    seen.clear()
+    r = invoke(*args, f'--resume={tmp_path / "run"}', '--duration=0.00003', '--deterministic')
+    assert r.exit_code == 0 and seen == [(True, False, ':4096:8')] * 2, r.output
+    r = invoke(*args, '--deterministic', '--bench=1', '--dry-run')
+    assert r.exit_code == 1 and 'Error: --deterministic turns cuDNN benchmarking off' in r.output, r.output
+    r = invoke(f'--outdir={tmp_path / "other"}', *[a.format(data=files / 'cond.zip') for a in BASE])
+    assert r.exit_code == 0 and seen[-1][0] is False  # the next run in this process is not deterministic
+    monkeypatch.setattr(train.distributed, 'init', lambda device: torch.device('cuda'))  # as on a GPU
+    r = invoke(f'--outdir={tmp_path / "dmd"}', '--method=dmd', f'--teacher={files / "teacher.pkl"}',
+               f'--pairs={files / "pairs"}', '--deterministic', '--dry-run')
+    assert r.exit_code == 1 and 'Error: --deterministic: LPIPS upsamples bilinearly' in r.output, r.output
 
 # ----------------------------------------------------------------------------
 # Root cause 3: a resume checks its options against the run's, and its state; what may change is recorded.
@@ -517,6 +564,42 @@ def test_exit_codes(files, tmp_path, monkeypatch, case, code):
     if code == dnnlib.util.EXIT_STOPPED:
         assert latest_state(tmp_path / 'run')['step'] == 1
         assert f'Received {case}: training state written' in r.output
+
+SIGNAL_IN_SHUTDOWN = '''
+import functools, os, signal, sys
+sys.path.insert(0, os.getcwd())
+import train
+from torch_utils import distributed
+from training import training_loop
+from training.batching import StepRandom
+
+training_loop.training_loop = functools.partial(training_loop.training_loop, preview_grid=0)  # as no_previews
+
+shutdown = distributed.shutdown
+def signalled_shutdown():  # a scheduler's SIGTERM after "Exiting..." (or after "Received SIGTERM")
+    os.kill(os.getpid(), signal.SIGTERM)
+    shutdown()
+distributed.shutdown = signalled_shutdown
+
+class SigtermDuringStep(StepRandom):
+    def __init__(self, *args):
+        super().__init__(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+if sys.argv.pop(1) == 'stopped':
+    training_loop.StepRandom = SigtermDuringStep
+train.main()
+'''
+
+
+@pytest.mark.parametrize('case, code', [('finished', 0), ('stopped', dnnlib.util.EXIT_STOPPED)])
+def test_sigterm_during_shutdown_keeps_the_exit_code(files, tmp_path, case, code):
+    """A signal after the loop, while train.py shuts down, is caught like one during it: the exit code stays 0 or 75
+    (it was 143, the default handlers being back)."""
+    args = [a.format(data=files / 'cond.zip') for a in BASE]
+    p = subprocess.run([sys.executable, '-c', SIGNAL_IN_SHUTDOWN, case, f'--outdir={tmp_path / "run"}', *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == code, p.stdout[-2000:] + p.stderr[-2000:]
+    assert ('Exiting...' if case == 'finished' else 'Received SIGTERM: training state written') in p.stdout
 
 # ----------------------------------------------------------------------------
 # The safe loader: every malformed file is a PickleLoadError (seeded fuzzing of a snapshot the tests made).

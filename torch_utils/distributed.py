@@ -3,11 +3,12 @@
 import contextlib
 import datetime
 import os
+import sys
 
 import torch
 
 _device = None
-_cpu_group = None  # a gloo group beside NCCL, for host-side flags that must not wait for the GPU
+_cpu_group = None  # a gloo group of its own for host-side flags, which must not wait for the GPU (NCCL)
 
 # How long a rank may wait in a collective (barrier, all-reduce, ...) before the job fails. NCCL's default of 10
 # minutes is shorter than some legitimate waits, e.g. the other ranks waiting while rank 0 downloads a teacher or
@@ -30,8 +31,9 @@ def init(device=None):
         backend = 'nccl' if device.type == 'cuda' else 'gloo'
         kwargs = dict(device_id=device) if device.type == 'cuda' else {}
         torch.distributed.init_process_group(backend=backend, init_method='env://', timeout=timeout(), **kwargs)
-        if backend == 'nccl':
-            _cpu_group = torch.distributed.new_group(backend='gloo', timeout=timeout())
+        # Also beside gloo, so that the CPU tests run the group the stop agreement uses on GPUs.
+        _cpu_group = torch.distributed.new_group(backend='gloo', timeout=timeout())
+        _exit_now_after_uncaught_exceptions()
     _device = device
     return device
 
@@ -84,8 +86,31 @@ def rank0_first():
 
 
 def shutdown():
+    """Leave the process group: only when this rank ends normally or stopped on a signal, with its peers doing the
+    same. On an error call exit_now instead."""
     if is_distributed():
         torch.distributed.destroy_process_group()
+
+
+def exit_now(code):
+    """End this process at once, without destroy_process_group or the interpreter's teardown. NCCL's shutdown waits
+    for the peers' outstanding collectives (PyTorch >= 2.6), and a peer waiting in a collective for this failed rank
+    never ends them: every GPU would idle until the collective timeout. Exiting lets torchrun see the failure and
+    stop the other ranks within seconds."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _exit_now_after_uncaught_exceptions():
+    """A traceback under torchrun (a bug, a CUDA error, a peer's collective failing because a rank died) is printed
+    as before (torch's hook prefixes [rankN]), then the rank exits at once with 1 (see exit_now)."""
+    print_traceback = sys.excepthook
+
+    def hook(*args):
+        print_traceback(*args)
+        exit_now(1)
+    sys.excepthook = hook
 
 
 def all_reduce_sum(x):

@@ -35,6 +35,12 @@ def _request_stop(signum, _frame):
     _stop_signal = signal.Signals(signum).name
 
 
+def catch_stop_signals():
+    """From now on SIGTERM/SIGINT set the stop flag instead of ending the process; returns the previous handlers.
+    A flag set before the loop starts (train.py catches the signals from before the loop's setup) stops it at once."""
+    return {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
 def _stop_agreed():
     """True on every rank when any rank was asked to stop; checked every step (a host-side all-reduce), so the state
     is written within one step of the signal, well inside torchrun's 30 s before it kills the workers."""
@@ -152,11 +158,13 @@ def training_loop(
     precision           = None,     # every network's backbone: 'fp32', 'bf16', 'fp16' (autocast), None = EDM's use_fp16 rule
     loss_scaling        = None,     # fp16: 'dynamic' or a static scale (EDM's --ls); None = off
     tf32                = False,    # allow TF32 in float32 matmuls/convolutions on CUDA
+    deterministic       = False,    # deterministic CUDA kernels (the caller sets $CUBLAS_WORKSPACE_CONFIG and benchmark off)
     **kwargs,                       # the loop's settings, see _training_loop
 ):
     """The whole run, every network and optimizer of it, in one precision."""
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+    torch.use_deterministic_algorithms(deterministic)  # an op with no deterministic CUDA kernel raises
     with networks.backbone_precision(precision), optim.loss_scaling(loss_scaling):
         return _training_loop(**kwargs)
 
@@ -270,8 +278,7 @@ def _training_loop(
 
     # Graceful stop on SIGTERM/SIGINT.
     global _stop_signal
-    _stop_signal = None
-    old_handlers = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    old_handlers = catch_stop_signals()
 
     distributed.print0(f'Training for {total_kimg} kimg...\n')
     tick_start_time = time.time()
@@ -362,6 +369,7 @@ def _training_loop(
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
+        _stop_signal = None  # this run's stop is handled: a later run in this process starts without it
         if stats_jsonl is not None:
             stats_jsonl.close()
         if stats_tfevents is not None:
