@@ -266,14 +266,25 @@ class _SafeUnpickler(pickle.Unpickler):
         raise PickleLoadError('pickle uses persistent ids (a torch.save file?); use torch.load for it')
 
 
-def _is_plain(value):
+# How deeply containers may nest in a file: EDM's snapshots nest a few levels; a crafted file (or one that contains
+# itself) would otherwise exhaust the recursion of the walks below.
+MAX_DEPTH = 100
+
+
+def _check_depth(depth):
+    if depth > MAX_DEPTH:
+        raise PickleLoadError(f'nests containers or modules more than {MAX_DEPTH} levels deep (or refers to itself)')
+
+
+def _is_plain(value, depth=0):
     """Plain data (None/bool/int/float/str and lists/tuples/dicts of those): safe to copy onto a rebuilt object."""
+    _check_depth(depth)
     if value is None or isinstance(value, (bool, int, float, str)):
         return True
     if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
+        return all(_is_plain(v, depth + 1) for v in value)
     if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+        return all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
     return False
 
 
@@ -285,9 +296,12 @@ def _entries(state, key, prefix):
     return list(entries.items())
 
 
-def _gather_tensors(state, prefix, out):
+def _gather_tensors(state, prefix, out, depth=0):
     """Collect the state-dict entries of a persisted module tree (params, persistent buffers, children)."""
+    _check_depth(depth)
     skip = state.get('_non_persistent_buffers_set', set())
+    if not isinstance(skip, set):
+        raise PickleLoadError(f'"{prefix}_non_persistent_buffers_set" is not a set')
     buffers = [(k, v) for k, v in _entries(state, '_buffers', prefix) if k not in skip]
     for name, t in _entries(state, '_parameters', prefix) + buffers:
         if t is None:
@@ -297,9 +311,9 @@ def _gather_tensors(state, prefix, out):
         out[prefix + name] = t
     for name, child in _entries(state, '_modules', prefix):
         if isinstance(child, _Persisted):
-            _gather_tensors(child.state, f'{prefix}{name}.', out)
+            _gather_tensors(child.state, f'{prefix}{name}.', out, depth + 1)
         elif isinstance(child, torch.nn.ModuleDict):
-            _gather_tensors(child.__dict__, f'{prefix}{name}.', out)
+            _gather_tensors(child.__dict__, f'{prefix}{name}.', out, depth + 1)
         elif child is not None:
             raise PickleLoadError(f'submodule "{prefix}{name}" is a {type(child).__name__}, not a persisted module')
 
@@ -342,16 +356,17 @@ def _build(p):
     return obj
 
 
-def _materialize(obj, memo):
+def _materialize(obj, memo, depth=0):
     """Replace every top-level stand-in (inside plain dicts, lists and tuples) by the object it describes."""
+    _check_depth(depth)
     if id(obj) in memo:
         return memo[id(obj)]
     if isinstance(obj, _Persisted):
         out = _build(obj)
     elif isinstance(obj, dict):
-        out = type(obj)((k, _materialize(v, memo)) for k, v in obj.items())
+        out = type(obj)((k, _materialize(v, memo, depth + 1)) for k, v in obj.items())
     elif isinstance(obj, (list, tuple)):
-        out = type(obj)(_materialize(v, memo) for v in obj)
+        out = type(obj)(_materialize(v, memo, depth + 1) for v in obj)
     else:
         return obj
     memo[id(obj)] = out

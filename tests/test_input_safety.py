@@ -1,0 +1,100 @@
+"""Hostile and careless input (issue 26 A-D, F and "also seen"): crafted pickles (nesting, memory bombs, mutation of
+allow-listed classes), damaged datasets, non-finite samples and fid.py's detector, each reported as one line with
+nothing written. docs/RELIABILITY.md names these tests."""
+
+import io
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dnnlib
+import generate
+import make_pairs
+import train
+from dataset_tool import save_dataset
+from torch_utils import persistence
+from training.networks import EDMPrecond
+
+TINY = dict(img_resolution=8, img_channels=3, label_dim=4, model_type='SongUNet', model_channels=16, channel_mult=[1],
+            num_blocks=1, attn_resolutions=[], dropout=0.0)
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    """16 labelled 8x8 images and a tiny teacher."""
+    root = tmp_path_factory.mktemp('safety')
+    rng = np.random.default_rng(0)
+    save_dataset(str(root / 'cond.zip'), [rng.integers(0, 256, size=[8, 8, 3], dtype=np.uint8) for _ in range(16)],
+                 [i % 4 for i in range(16)])
+    torch.manual_seed(0)
+    with open(root / 'teacher.pkl', 'wb') as f:
+        pickle.dump(dict(ema=EDMPrecond(**TINY)), f)
+    return root
+
+
+def one_error_line(r):
+    """The CLI's output is exactly one `Error: ...` line and the exit code 1 (no traceback)."""
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith('Error: '), (r.exit_code, r.output, r.exception)
+    return lines[0]
+
+
+def cli(command, files, tmp_path, pkl):
+    """Every command line that loads a network pickle, reading `pkl`; returns (click result, its output path)."""
+    out = tmp_path / 'out'
+    args = {
+        'teacher': (train.main, ['--method=dmd', f'--teacher={pkl}', '--batch=8', '--device=cpu', f'--outdir={out}']),
+        'transfer': (train.main, [f'--data={files / "cond.zip"}', f'--transfer={pkl}', '--cond=1',
+                                  '--arch=ddpmpp', '--cbase=16', '--cres=1', '--device=cpu', f'--outdir={out}']),
+        'generate': (generate.main, [f'--network={pkl}', f'--outdir={out}', '--seeds=0-1', '--device=cpu']),
+        'make_pairs': (make_pairs.main, [f'--teacher={pkl}', f'--outdir={out}', '--seeds=0-1', '--device=cpu']),
+    }[command]
+    return CliRunner().invoke(args[0], args[1]), out
+
+# ----------------------------------------------------------------------------
+# A: nesting. Bytes written opcode by opcode: Python's pickler would itself overflow on such data.
+
+def deep_list(n):
+    """[[[...]]] nested n deep: n EMPTY_LISTs, then n-1 APPENDs."""
+    return b'\x80\x04' + b']' * n + b'a' * (n - 1) + b'.'
+
+
+def self_list():
+    """a = [a]: EMPTY_LIST, MEMOIZE, BINGET 0, APPEND."""
+    return b'\x80\x04]\x94h\x00a.'
+
+
+def self_kwargs():
+    """A network whose stored constructor arguments contain themselves."""
+    net = EDMPrecond(**TINY)
+    loop = []
+    loop.append(loop)
+    net._init_kwargs['extra'] = loop
+    return pickle.dumps(dict(ema=net))
+
+
+@pytest.mark.parametrize('make', [lambda: deep_list(100_000), self_list, self_kwargs])
+def test_nesting_is_a_pickle_load_error(make):
+    with pytest.raises(persistence.PickleLoadError, match='more than 100 levels deep') as info:
+        persistence.load(io.BytesIO(make()))
+    assert '\n' not in str(info.value)
+
+
+def test_nesting_within_the_bound_loads():
+    data = persistence.load(io.BytesIO(deep_list(persistence.MAX_DEPTH)))
+    for _ in range(persistence.MAX_DEPTH - 1):
+        data = data[0]
+    assert data == []
+
+
+@pytest.mark.parametrize('command', ['teacher', 'transfer', 'generate', 'make_pairs'])
+def test_nested_pickle_is_one_line_in_every_command(files, tmp_path, command):
+    pkl = tmp_path / 'deep.pkl'
+    pkl.write_bytes(deep_list(100_000))
+    r, out = cli(command, files, tmp_path, pkl)
+    assert str(pkl) in one_error_line(r) and 'levels deep' in r.output
+    assert not out.exists()
