@@ -98,3 +98,36 @@ def test_nested_pickle_is_one_line_in_every_command(files, tmp_path, command):
     r, out = cli(command, files, tmp_path, pkl)
     assert str(pkl) in one_error_line(r) and 'levels deep' in r.output
     assert not out.exists()
+
+# ----------------------------------------------------------------------------
+# C: a pickle may not change the classes and functions the safe loader hands out.
+
+def unicode(text):
+    """SHORT_BINUNICODE."""
+    return b'\x8c' + bytes([len(text)]) + text.encode()
+
+
+def build_on_global(module, name, slots):
+    """GLOBAL module.name, then BUILD with {'hello': 'world'} as its __dict__ state or as its slot state."""
+    state = b'}' + unicode('hello') + unicode('world') + b's'
+    state = b'N' + state + b'\x86' if slots else state
+    return b'\x80\x04' + unicode(module) + unicode(name) + b'\x93' + state + b'b.'
+
+
+@pytest.mark.parametrize('slots', [False, True], ids=['dict state', 'slot state'])
+@pytest.mark.parametrize('module, name', sorted(persistence._safe_globals))
+def test_build_on_an_allow_listed_global_is_refused(module, name, slots):
+    obj = persistence._safe_globals[module, name]
+    with pytest.raises(persistence.PickleLoadError, match='sets attributes of'):
+        persistence.load(io.BytesIO(build_on_global(module, name, slots)))
+    assert not hasattr(obj, 'hello')
+
+
+def test_build_on_a_persisted_stand_in_is_refused():
+    """A stand-in's class name is checked when it is made; BUILD could change it afterwards."""
+    meta = dict(type='class', version=6, class_name='EDMLoss', state={})
+    data = pickle.dumps(meta, protocol=2)[2:-1]  # the dict's opcodes, without PROTO and STOP
+    data = (b'\x80\x04' + unicode('torch_utils.persistence') + unicode('_reconstruct_persistent_obj') + b'\x93' + data
+            + b'\x85R' + b'}' + unicode('class_name') + unicode('Unknown') + b'sb.')
+    with pytest.raises(persistence.PickleLoadError, match='sets attributes of _Persisted'):
+        persistence.load(io.BytesIO(data))

@@ -254,8 +254,9 @@ _safe_globals = {
 }
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Resolves globals only through the allow-list, so loading a file never imports or calls anything else."""
+class _SafeUnpickler(pickle._Unpickler):
+    """Resolves globals only through the allow-list, so loading a file never imports or calls anything else.
+    Python's own unpickler (as fast here: the time goes to the tensor blobs), so that BUILD can be checked."""
     def find_class(self, module, name):
         obj = _safe_globals.get((module, name))
         if obj is None:
@@ -264,6 +265,18 @@ class _SafeUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         raise PickleLoadError('pickle uses persistent ids (a torch.save file?); use torch.load for it')
+
+    def load_build(self):
+        # BUILD sets attributes on the object below its state: on an allow-listed class or function that would change
+        # it for the rest of the process, on a stand-in the class name already checked.
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if any(target is obj for obj in _safe_globals.values()) or isinstance(target, _Persisted):
+            raise PickleLoadError(f'pickle sets attributes of {getattr(target, "__name__", type(target).__name__)}, '
+                                  f'which no pickler writes')
+        super().load_build()
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 # How deeply containers may nest in a file: EDM's snapshots nest a few levels; a crafted file (or one that contains
