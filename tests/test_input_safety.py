@@ -107,20 +107,24 @@ def unicode(text):
     return b'\x8c' + bytes([len(text)]) + text.encode()
 
 
-def build_on_global(module, name, slots):
-    """GLOBAL module.name, then BUILD with {'hello': 'world'} as its __dict__ state or as its slot state."""
-    state = b'}' + unicode('hello') + unicode('world') + b's'
-    state = b'N' + state + b'\x86' if slots else state
-    return b'\x80\x04' + unicode(module) + unicode(name) + b'\x93' + state + b'b.'
+HELLO = unicode('hello') + unicode('world')
+# What a pickle can do to the object below on the stack: BUILD with a __dict__ or a slot state, and item assignment,
+# append, extend and add (which these objects lack).
+MUTATIONS = {'BUILD dict': b'}' + HELLO + b'sb', 'BUILD slots': b'N}' + HELLO + b's\x86b', 'SETITEM': HELLO + b's',
+             'APPEND': HELLO + b'0a', 'APPENDS': b'(' + HELLO + b'e', 'ADDITEMS': b'(' + HELLO + b'\x90'}
 
 
-@pytest.mark.parametrize('slots', [False, True], ids=['dict state', 'slot state'])
+@pytest.mark.parametrize('mutation', sorted(MUTATIONS))
 @pytest.mark.parametrize('module, name', sorted(persistence._safe_globals))
-def test_build_on_an_allow_listed_global_is_refused(module, name, slots):
+def test_an_allow_listed_global_cannot_be_changed(module, name, mutation):
     obj = persistence._safe_globals[module, name]
-    with pytest.raises(persistence.PickleLoadError, match='sets attributes of'):
-        persistence.load(io.BytesIO(build_on_global(module, name, slots)))
-    assert not hasattr(obj, 'hello')
+    before = dict(vars(obj)) if hasattr(obj, '__dict__') else None
+    data = b'\x80\x04' + unicode(module) + unicode(name) + b'\x93' + MUTATIONS[mutation] + b'.'
+    with pytest.raises(persistence.PickleLoadError) as info:
+        persistence.load(io.BytesIO(data))
+    if mutation.startswith('BUILD'):
+        assert 'sets attributes of' in str(info.value)
+    assert not hasattr(obj, 'hello') and (dict(vars(obj)) if hasattr(obj, '__dict__') else None) == before
 
 
 def test_build_on_a_persisted_stand_in_is_refused():
@@ -128,6 +132,6 @@ def test_build_on_a_persisted_stand_in_is_refused():
     meta = dict(type='class', version=6, class_name='EDMLoss', state={})
     data = pickle.dumps(meta, protocol=2)[2:-1]  # the dict's opcodes, without PROTO and STOP
     data = (b'\x80\x04' + unicode('torch_utils.persistence') + unicode('_reconstruct_persistent_obj') + b'\x93' + data
-            + b'\x85R' + b'}' + unicode('class_name') + unicode('Unknown') + b'sb.')
+            + b'\x85R}' + unicode('class_name') + unicode('Unknown') + b'sb.')
     with pytest.raises(persistence.PickleLoadError, match='sets attributes of _Persisted'):
         persistence.load(io.BytesIO(data))
