@@ -135,3 +135,74 @@ def test_build_on_a_persisted_stand_in_is_refused():
             + b'\x85R}' + unicode('class_name') + unicode('Unknown') + b'sb.')
     with pytest.raises(persistence.PickleLoadError, match='sets attributes of _Persisted'):
         persistence.load(io.BytesIO(data))
+
+# ----------------------------------------------------------------------------
+# B: the network built from a file is bounded by the bytes the file stores, before anything is allocated.
+
+class ViewPickler(pickle.Pickler):
+    """Pickles every tensor as torch does (EDM's _rebuild_tensor_v2 over a _load_from_bytes storage), but as a view
+    of one shared `storage` with the given strides, so that a small file can describe large tensors."""
+    def __init__(self, file, storage, strides):
+        super().__init__(file, protocol=4)
+        self.storage, self.strides = storage, strides
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.nn.Parameter):
+            return torch._utils._rebuild_parameter, (obj.data, obj.requires_grad, dict())
+        if isinstance(obj, torch.Tensor):
+            return torch._utils._rebuild_tensor_v2, (self.storage, 0, tuple(obj.shape), self.strides(obj), False, dict())
+        return NotImplemented
+
+
+def views_of_one_storage(model_channels, storage_numel, stride0=False):
+    """A snapshot of TINY's network claiming `model_channels`, each tensor a view of one storage of `storage_numel`
+    floats (None: as many as the largest tensor has): contiguous (the tensors overlap) or with stride 0."""
+    kwargs = dict(TINY, model_channels=model_channels)
+    with torch.device('meta'):
+        shapes = {k: t.shape for k, t in EDMPrecond(**kwargs).state_dict().items()}
+    net = EDMPrecond(**TINY)
+    for name, shape in shapes.items():
+        *path, leaf = name.split('.')
+        module = net.get_submodule('.'.join(path))
+        if leaf in module._parameters:
+            module._parameters[leaf] = torch.nn.Parameter(torch.zeros(shape), requires_grad=False)
+        else:
+            module._buffers[leaf] = torch.zeros(shape)
+    net._init_kwargs = kwargs
+    strides = (lambda t: (0,) * t.ndim) if stride0 else (lambda t: t.stride())
+    storage = torch.zeros(storage_numel or max(shape.numel() for shape in shapes.values()))._typed_storage()
+    f = io.BytesIO()
+    ViewPickler(f, storage, strides).dump(dict(ema=net))
+    return f.getvalue()
+
+
+def many_blocks(num_blocks):
+    """TINY's snapshot with `num_blocks` in its stored arguments (the file holds one block's tensors)."""
+    net = EDMPrecond(**TINY)
+    net._init_kwargs['num_blocks'] = num_blocks
+    return pickle.dumps(dict(ema=net))
+
+
+BOMBS = {  # name: (bytes, message)
+    'stride 0': (lambda: views_of_one_storage(256, 1, stride0=True), 'needs 1024 elements of a storage that holds 1'),
+    'storage grown to fit': (lambda: views_of_one_storage(256, 1024), 'needs 262144 elements of a storage that holds 1024'),
+    'views of one storage': (lambda: views_of_one_storage(256, None), 'describe a network larger than the tensors stored'),
+    'many blocks': (lambda: many_blocks(3000), 'describe a network larger than the tensors stored'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(BOMBS))
+def test_a_network_is_bounded_by_the_bytes_stored(name):
+    make, message = BOMBS[name]
+    data = make()
+    assert len(data) < 6_000_000  # each describes a network of ten million float32 elements or more (41 MB and up)
+    with pytest.raises(persistence.PickleLoadError, match=message):
+        persistence.load(io.BytesIO(data))
+
+
+@pytest.mark.parametrize('command', ['teacher', 'generate'])
+def test_a_memory_bomb_is_one_line(files, tmp_path, command):
+    pkl = tmp_path / 'bomb.pkl'
+    pkl.write_bytes(views_of_one_storage(256, 1, stride0=True))
+    r, out = cli(command, files, tmp_path, pkl)
+    assert 'needs 1024 elements' in one_error_line(r) and not out.exists()

@@ -11,14 +11,17 @@ behaviour of executing the embedded source, for files the user trusts.
 """
 
 import collections
+import contextlib
 import copy
 import importlib
 import inspect
 import io
+import math
 import pickle
 import pickletools
 import struct
 import sys
+import threading
 import types
 
 import numpy as np
@@ -235,6 +238,21 @@ def _load_storage_from_bytes(b):
         raise PickleLoadError(f'corrupt tensor storage ({_summary(e)})') from None
 
 
+def _rebuild_tensor(storage, storage_offset, size, stride, *rest):
+    """torch's _rebuild_tensor_v2, refusing a view that reaches past its storage (torch would grow the storage to fit:
+    memory the file does not hold) or has more elements than it (stride 0): the file's bytes bound its tensors."""
+    if not isinstance(storage, torch.TypedStorage) or not isinstance(size, tuple) or not isinstance(stride, tuple) \
+            or len(size) != len(stride) or not all(isinstance(v, int) and v >= 0 for v in (storage_offset, *size, *stride)):
+        raise PickleLoadError('malformed tensor (expected a storage, an offset, and sizes and strides as tuples of ints)')
+    numel = math.prod(size)
+    extent = storage_offset + sum((n - 1) * st for n, st in zip(size, stride)) + 1 if numel else 0  # elements used
+    held = storage._size()  # elements; size() is the same, with a deprecation warning for TypedStorage
+    if max(numel, extent) > held:
+        raise PickleLoadError(f'a tensor of shape {list(size)} (strides {list(stride)}) needs {max(numel, extent)} elements '
+                              f'of a storage that holds {held}')
+    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, *rest)
+
+
 # numpy 2 moved numpy.core to numpy._core; files name either, both resolve to this one function.
 _numpy_scalar = importlib.import_module('numpy._core.multiarray' if int(np.__version__.split('.')[0]) >= 2 else 'numpy.core.multiarray').scalar
 
@@ -243,7 +261,7 @@ _numpy_scalar = importlib.import_module('numpy._core.multiarray' if int(np.__ver
 _safe_globals = {
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _reconstruct_safely,
     ('collections', 'OrderedDict'):                              collections.OrderedDict,
-    ('torch._utils', '_rebuild_tensor_v2'):                      torch._utils._rebuild_tensor_v2,
+    ('torch._utils', '_rebuild_tensor_v2'):                      _rebuild_tensor,
     ('torch._utils', '_rebuild_parameter'):                      torch._utils._rebuild_parameter,
     ('torch.storage', '_load_from_bytes'):                       _load_storage_from_bytes,
     ('torch.nn.modules.container', 'ModuleDict'):                torch.nn.ModuleDict,  # rebuilt via __setstate__ only
@@ -331,6 +349,29 @@ def _gather_tensors(state, prefix, out, depth=0):
             raise PickleLoadError(f'submodule "{prefix}{name}" is a {type(child).__name__}, not a persisted module')
 
 
+@contextlib.contextmanager
+def _registrations_within(budget, class_name):
+    """Stop a constructor (in this thread) once the tensors it registers cost more than `budget`, one unit per tensor
+    and per element: so a small file cannot describe a large network, not even on the meta device (module objects)."""
+    owner, used = threading.get_ident(), 0
+
+    def count(module, name, tensor):
+        nonlocal used
+        if tensor is not None and threading.get_ident() == owner:
+            used += 1 + tensor.numel()
+            if used > budget:
+                raise PickleLoadError(f'the stored arguments of {class_name} describe a network larger than the tensors '
+                                      f'stored for it (more than {budget} elements and tensors)')
+
+    hooks = [torch.nn.modules.module.register_module_parameter_registration_hook(count),
+             torch.nn.modules.module.register_module_buffer_registration_hook(count)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def _build(p):
     """This project's object for a top-level stand-in: constructed from its init arguments, then given its weights."""
     state = p.state
@@ -338,14 +379,19 @@ def _build(p):
     if not isinstance(args, tuple) or not isinstance(kwargs, dict) or not _is_plain(args) or not _is_plain(kwargs):
         raise PickleLoadError(f'persisted {p.class_name} lacks plain-data constructor arguments (_init_args/_init_kwargs)')
     cls = dnnlib.util.get_obj_by_name(_safe_classes[p.class_name])
+    tensors = dict()
+    _gather_tensors(state, '', tensors)
+    # The bytes the file really holds for them: each distinct storage once (tensors may be views of one storage).
+    stored = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()}.values())
     try:
-        with torch.device('meta'):  # shapes first, allocating nothing: garbled arguments could ask for a huge network
+        # Shapes first, allocating nothing, and no more (elements, tensors) than stored: every element takes a byte.
+        with torch.device('meta'), _registrations_within(stored + len(tensors), p.class_name):
             shell = cls(*args, **kwargs)
+    except PickleLoadError:
+        raise
     except _CONSTRUCTION_ERRORS as e:  # stored arguments this project's class does not take or rejects
         raise PickleLoadError(f'cannot construct {_safe_classes[p.class_name]} from the stored arguments ({_summary(e)})') from None
     if isinstance(shell, torch.nn.Module):
-        tensors = dict()
-        _gather_tensors(state, '', tensors)
         expected = shell.state_dict()
         problems = [f'missing {k}' for k in expected if k not in tensors]
         problems += [f'unexpected {k}' for k in tensors if k not in expected]
@@ -354,7 +400,7 @@ def _build(p):
         if problems:
             raise PickleLoadError(f'stored weights of {p.class_name} do not match training.networks '
                                   f'({len(problems)} problems: {"; ".join(problems[:3])})')
-    obj = cls(*args, **kwargs)  # for real: as large as the stored tensors, which the file's size bounds
+    obj = cls(*args, **kwargs)  # for real: as large as the shell, which the stored bytes bound
     if isinstance(obj, torch.nn.Module):
         obj.load_state_dict(tensors, strict=True)
         for name, param in obj.named_parameters():
