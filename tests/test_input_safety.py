@@ -3,15 +3,20 @@ allow-listed classes), damaged datasets, non-finite samples and fid.py's detecto
 nothing written. docs/RELIABILITY.md names these tests."""
 
 import io
+import json
 import pickle
 import struct
+import zipfile
+import zlib
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
 
-import dnnlib
+import dataset_tool
+import fid
 import generate
 import make_pairs
 import train
@@ -206,3 +211,122 @@ def test_a_memory_bomb_is_one_line(files, tmp_path, command):
     pkl.write_bytes(views_of_one_storage(256, 1, stride0=True))
     r, out = cli(command, files, tmp_path, pkl)
     assert 'needs 1024 elements' in one_error_line(r) and not out.exists()
+
+# ----------------------------------------------------------------------------
+# D: datasets. Images whose PNG chunks are intact (valid CRCs) but whose pixels cannot be decoded, decompression
+# bombs, labels out of range, damaged zips and dataset.json encodings: one line naming the member, nothing written.
+
+def png_chunks(png):
+    """[(type, data)] of a PNG's chunks."""
+    pos, out = 8, []
+    while pos < len(png):
+        n, = struct.unpack('>I', png[pos:pos + 4])
+        out.append((png[pos + 4:pos + 8], png[pos + 8:pos + 8 + n]))
+        pos += 12 + n
+    return out
+
+
+def png_from_chunks(chunks):
+    """A PNG of these chunks, each with a valid CRC."""
+    return b'\x89PNG\r\n\x1a\n' + b''.join(struct.pack('>I', len(d)) + t + d + struct.pack('>I', zlib.crc32(t + d))
+                                           for t, d in chunks)
+
+
+def png_bytes(seed=0):
+    buf = io.BytesIO()
+    PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, [8, 8, 3], dtype=np.uint8)).save(buf, format='PNG')
+    return buf.getvalue()
+
+
+def garbage_pixels():
+    """Intact chunks whose compressed pixel data is not zlib data: PIL's verify() passes it, decoding fails."""
+    return png_from_chunks([(t, bytes(range(len(d))) if t == b'IDAT' else d) for t, d in png_chunks(png_bytes())])
+
+
+def decompression_bomb():
+    """A header claiming 20000x20000 pixels (over twice PIL's MAX_IMAGE_PIXELS, so PIL refuses to open it)."""
+    return png_from_chunks([(t, struct.pack('>II', 20000, 20000) + d[8:] if t == b'IHDR' else d)
+                            for t, d in png_chunks(png_bytes())])
+
+
+def dataset_zip(path, replace=None, meta=None):
+    """A stored zip of 4 labelled 8x8 PNGs in dataset_tool's layout; `replace` maps a member to other bytes, `meta`
+    is dataset.json's bytes."""
+    names = [f'00000/img0000000{i}.png' for i in range(4)]
+    meta = json.dumps(dict(labels=[[n, i % 2] for i, n in enumerate(names)])).encode() if meta is None else meta
+    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as zf:
+        for i, name in enumerate(names):
+            zf.writestr(name, (replace or {}).get(name, png_bytes(i)))
+        zf.writestr('dataset.json', meta)
+    return path
+
+
+def crc_damaged(path):
+    """dataset_zip with one byte of member 2's data flipped: its zip CRC no longer matches."""
+    dataset_zip(path)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo('00000/img00000002.png')
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+def run_tool(tool, data, tmp_path):
+    """train.py (conditional), dataset_tool.py or fid.py ref reading `data`; returns (result, what it would write)."""
+    out = tmp_path / 'out'
+    if tool == 'train':
+        args = (train.main, [f'--data={data}', '--cond=1', '--arch=ddpmpp', '--cbase=16', '--cres=1', '--device=cpu',
+                             f'--outdir={out}'])
+    elif tool == 'dataset_tool':
+        args = (dataset_tool.main, [f'--source={data}', f'--dest={out}.zip'])
+        out = tmp_path / 'out.zip'
+    else:
+        args = (fid.main, ['ref', f'--data={data}', f'--dest={out}.npz', '--detector=pixels'])
+        out = tmp_path / 'out.npz'
+    return CliRunner().invoke(*args), out
+
+
+DATASET_CASES = {  # name: (make the data, the tools, text of the one-line error)
+    'garbage pixels': (lambda p: dataset_zip(p, {'00000/img00000002.png': garbage_pixels()}),
+                       ['train', 'dataset_tool', 'fid'], '"00000/img00000002.png"'),
+    'decompression bomb': (lambda p: dataset_zip(p, {'00000/img00000002.png': decompression_bomb()}),
+                           ['train', 'dataset_tool', 'fid'], '"00000/img00000002.png"'),
+    'crc error': (crc_damaged, ['train', 'dataset_tool', 'fid'], '"00000/img00000002.png"'),
+    'label 1e9': (lambda p: dataset_zip(p, meta=b'{"labels": [["00000/img00000000.png", 1000000000]]}'),
+                  ['train', 'dataset_tool'], 'class in 0..100000'),
+    'label 2**64': (lambda p: dataset_zip(p, meta=b'{"labels": [["00000/img00000000.png", 18446744073709551616]]}'),
+                    ['train', 'dataset_tool'], 'class in 0..100000'),
+    'dataset.json not text': (lambda p: dataset_zip(p, meta=b'\xff\xfa\x00{'), ['train', 'dataset_tool'],
+                              'dataset.json in'),
+}
+
+
+@pytest.mark.parametrize('name, tool', [(n, t) for n, (_m, tools, _e) in sorted(DATASET_CASES.items()) for t in tools])
+def test_bad_datasets_are_one_line(tmp_path, name, tool):
+    make, _tools, text = DATASET_CASES[name]
+    r, out = run_tool(tool, make(tmp_path / 'data.zip'), tmp_path)
+    assert text in one_error_line(r)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['data.zip'] and not out.exists()
+
+
+def test_labels_out_of_range_are_refused_by_save_dataset(tmp_path):
+    for label in [100_001, 2**64]:
+        with pytest.raises(dataset_tool.DatasetError, match='labels must be integers in 0..100000'):
+            save_dataset(str(tmp_path / 'out.zip'), [np.zeros([8, 8, 3], np.uint8)], [label])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('encoding', ['utf-8', 'utf-16', 'utf-32'])
+def test_dataset_json_in_any_json_encoding_reads_the_same_everywhere(tmp_path, encoding):
+    """One rule for dataset.json in train.py and dataset_tool.py: JSON's encodings (RFC 8259), detected as json.loads
+    does for bytes."""
+    from training.dataset import ImageFolderDataset
+    labels = [[f'00000/img0000000{i}.png', 3 - i] for i in range(4)]
+    data = dataset_zip(tmp_path / 'data.zip', meta=json.dumps(dict(labels=labels)).encode(encoding))
+    ds = ImageFolderDataset(data, use_labels=True)
+    assert [int(np.argmax(ds.get_label(i))) for i in range(4)] == [3, 2, 1, 0]
+    r = CliRunner().invoke(dataset_tool.main, [f'--source={data}', f'--dest={tmp_path / "out.zip"}'])
+    assert r.exit_code == 0, r.output
+    with zipfile.ZipFile(tmp_path / 'out.zip') as zf:
+        assert json.loads(zf.read('dataset.json'))['labels'] == labels
