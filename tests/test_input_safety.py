@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 import dataset_tool
+import dnnlib
 import fid
 import generate
 import make_pairs
@@ -42,10 +43,10 @@ def files(tmp_path_factory):
 
 
 def one_error_line(r):
-    """The CLI's output is exactly one `Error: ...` line and the exit code 1 (no traceback)."""
-    lines = r.output.strip().splitlines()
-    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith('Error: '), (r.exit_code, r.output, r.exception)
-    return lines[0]
+    """Exit code 1 and one `Error: ...` line (besides progress lines), no traceback; returns that line."""
+    errors = [line for line in r.output.splitlines() if line.startswith('Error: ')]
+    assert r.exit_code == 1 and len(errors) == 1 and 'Traceback' not in r.output, (r.exit_code, r.output, r.exception)
+    return errors[0]
 
 
 def cli(command, files, tmp_path, pkl):
@@ -330,3 +331,46 @@ def test_dataset_json_in_any_json_encoding_reads_the_same_everywhere(tmp_path, e
     assert r.exit_code == 0, r.output
     with zipfile.ZipFile(tmp_path / 'out.zip') as zf:
         assert json.loads(zf.read('dataset.json'))['labels'] == labels
+
+# ----------------------------------------------------------------------------
+# F: non-finite samples are never written (as black images, pairs or a metric): one line naming the seeds, exit 1.
+
+@pytest.fixture(scope='module')
+def nan_teacher(files):
+    """TINY's network with one NaN weight (its output layer's bias): every sample is NaN."""
+    torch.manual_seed(0)
+    net = EDMPrecond(**TINY)
+    with torch.no_grad():
+        net.model.dec['8x8_aux_conv'].bias[0] = float('nan')
+    path = files / 'nan.pkl'
+    with open(path, 'wb') as f:
+        pickle.dump(dict(ema=net), f)
+    return path
+
+
+@pytest.mark.parametrize('command', ['generate', 'make_pairs'])
+def test_nonfinite_samples_are_not_written(files, nan_teacher, tmp_path, command):
+    r, out = cli(command, files, tmp_path, nan_teacher)
+    assert 'non-finite values for seed(s) 0, 1' in one_error_line(r)
+    assert not out.exists() or [p.name for p in out.iterdir()] == []
+
+
+def test_nonfinite_samples_stop_the_in_training_metric(files, tmp_path):
+    from training import training_loop as loop_module
+
+    class NaNGenerator:
+        net = EDMPrecond(**TINY)
+
+        def networks(self):
+            return dict(net=self.net)
+
+        def sample(self, z, c):
+            return torch.full_like(z, float('nan'))
+
+    ref = tmp_path / 'ref.npz'
+    np.savez(ref, mu=np.zeros(192), sigma=np.eye(192))
+    with pytest.raises(dnnlib.util.RunError, match=r'Training diverged at 0.008 kimg: .*non-finite values for seed\(s\) '
+                                                   r'0, 1, 2, .* and \d+ more'):
+        loop_module._run_metrics(NaNGenerator(), ['fid1k'], dict(detector='pixels', ref=str(ref)), str(tmp_path), 8,
+                                 torch.device('cpu'))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['ref.npz']  # no metric-fid1k.jsonl
