@@ -2,8 +2,10 @@
 allow-listed classes), damaged datasets, non-finite samples and fid.py's detector, each reported as one line with
 nothing written. docs/RELIABILITY.md names these tests."""
 
+import hashlib
 import io
 import json
+import os
 import pickle
 import struct
 import zipfile
@@ -374,3 +376,62 @@ def test_nonfinite_samples_stop_the_in_training_metric(files, tmp_path):
         loop_module._run_metrics(NaNGenerator(), ['fid1k'], dict(detector='pixels', ref=str(ref)), str(tmp_path), 8,
                                  torch.device('cpu'))
     assert sorted(p.name for p in tmp_path.iterdir()) == ['ref.npz']  # no metric-fid1k.jsonl
+
+# ----------------------------------------------------------------------------
+# Also seen: --detector naming nothing, fid.py ref --dest naming a directory, the cached official detector's hash.
+
+def test_unknown_detector_is_no_such_detector(files, tmp_path):
+    ref = tmp_path / 'ref.npz'
+    np.savez(ref, mu=np.zeros(3), sigma=np.eye(3))
+    r = CliRunner().invoke(fid.main, ['calc', f'--images={files / "cond.zip"}', f'--ref={ref}', '--detector=foo'])
+    assert 'No such detector "foo": use inception, vgg16, pixels' in one_error_line(r)
+    r = CliRunner().invoke(train.main, ['--method=dmd', f'--teacher={files / "teacher.pkl"}', '--batch=8', '--device=cpu',
+                                        '--metrics=fid1k', f'--ref={ref}', '--detector=foo', f'--outdir={tmp_path / "out"}'])
+    assert '--detector: No such detector "foo"' in one_error_line(r) and not (tmp_path / 'out').exists()
+
+
+def test_fid_ref_into_a_directory_is_one_line_before_the_pass(files, tmp_path, monkeypatch):
+    monkeypatch.setattr(fid, '_init', lambda *args: pytest.fail('the pass over the data started'))
+    r = CliRunner().invoke(fid.main, ['ref', f'--data={files / "cond.zip"}', f'--dest={tmp_path}', '--detector=pixels'])
+    assert f'--dest "{tmp_path}" is a directory' in one_error_line(r) and list(tmp_path.iterdir()) == []
+
+
+class FakeResponse:
+    """What requests.Session.get returns, serving `content`."""
+    def __init__(self, content):
+        self.content = content
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def raise_for_status(self):
+        pass
+
+
+def test_cached_official_detector_is_checked_against_its_recorded_hash(tmp_path, monkeypatch):
+    import requests
+    from training import metrics
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
+    official = pickle.dumps(torch.nn.Identity())
+    monkeypatch.setattr(requests.Session, 'get', lambda self, url, **kwargs: FakeResponse(official))
+    cache = dnnlib.util.url_cache_path(metrics.INCEPTION_URL)
+
+    assert isinstance(metrics.load_detector('inception'), torch.nn.Identity)  # downloaded: its hash is recorded
+    assert open(cache + '.sha256').read().strip() == hashlib.sha256(official).hexdigest()
+    assert isinstance(metrics.load_detector('inception'), torch.nn.Identity)  # cached, the same bytes
+
+    replaced = pickle.dumps(torch.nn.ReLU())  # as a file planted in the cache would be: it would run code
+    dnnlib.util.atomic_write(cache, lambda f: f.write(replaced))
+    with pytest.raises(ValueError, match='its sha256 differs from the one recorded when it was downloaded'):
+        metrics.load_detector('inception')
+    assert isinstance(metrics.load_detector('inception', trust=True), torch.nn.ReLU)  # trusted: recorded
+    assert isinstance(metrics.load_detector('inception'), torch.nn.ReLU)
+
+    os.remove(cache + '.sha256')  # placed by hand (the offline route): trusted once, then recorded
+    with pytest.raises(ValueError, match='it was not downloaded by this project'):
+        metrics.load_detector('inception')
+    assert isinstance(metrics.load_detector('inception', trust=True), torch.nn.ReLU)
+    assert isinstance(metrics.load_detector('inception'), torch.nn.ReLU)
