@@ -11,7 +11,6 @@ behaviour of executing the embedded source, for files the user trusts.
 """
 
 import collections
-import contextlib
 import copy
 import importlib
 import inspect
@@ -349,27 +348,41 @@ def _gather_tensors(state, prefix, out, depth=0):
             raise PickleLoadError(f'submodule "{prefix}{name}" is a {type(child).__name__}, not a persisted module')
 
 
-@contextlib.contextmanager
-def _registrations_within(budget, class_name):
-    """Stop a constructor (in this thread) once the tensors it registers cost more than `budget`, one unit per tensor
-    and per element: so a small file cannot describe a large network, not even on the meta device (module objects)."""
-    owner, used = threading.get_ident(), 0
+class _BoundedConstruction(torch.overrides.TorchFunctionMode):
+    """While a constructor runs (in this thread): stop it once the tensors it registers cost more than `budget`, one
+    unit per tensor and per element, and refuse any tensor factory call for more elements than `budget` before it
+    allocates (some constructors compute tables on the CPU even on the meta device: iDDPMPrecond's M noise levels).
+    So a small file cannot describe a large network, nor make its meta shell allocate or build a million modules."""
+    _factories = {torch.zeros, torch.ones, torch.empty, torch.full, torch.rand, torch.randn}
 
-    def count(module, name, tensor):
-        nonlocal used
-        if tensor is not None and threading.get_ident() == owner:
-            used += 1 + tensor.numel()
-            if used > budget:
-                raise PickleLoadError(f'the stored arguments of {class_name} describe a network larger than the tensors '
-                                      f'stored for it (more than {budget} elements and tensors)')
+    def __init__(self, budget, class_name):
+        super().__init__()
+        self.budget, self.used, self.owner = budget, 0, threading.get_ident()
+        self.error = PickleLoadError(f'the stored arguments of {class_name} describe a network larger than the tensors '
+                                     f'stored for it (more than {budget} elements and tensors)')
 
-    hooks = [torch.nn.modules.module.register_module_parameter_registration_hook(count),
-             torch.nn.modules.module.register_module_buffer_registration_hook(count)]
-    try:
-        yield
-    finally:
-        for hook in hooks:
+    def _count(self, module, name, tensor):
+        if tensor is not None and threading.get_ident() == self.owner:
+            self.used += 1 + tensor.numel()
+            if self.used > self.budget:
+                raise self.error
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._factories and args:
+            size = args[0] if isinstance(args[0], (tuple, list, torch.Size)) else args  # zeros([n, m]) or zeros(n, m)
+            if all(isinstance(n, int) for n in size) and math.prod(size) > self.budget:
+                raise self.error
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self.hooks = [torch.nn.modules.module.register_module_parameter_registration_hook(self._count),
+                      torch.nn.modules.module.register_module_buffer_registration_hook(self._count)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
             hook.remove()
+        return super().__exit__(*exc)
 
 
 def _build(p):
@@ -385,7 +398,7 @@ def _build(p):
     stored = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()}.values())
     try:
         # Shapes first, allocating nothing, and no more (elements, tensors) than stored: every element takes a byte.
-        with torch.device('meta'), _registrations_within(stored + len(tensors), p.class_name):
+        with torch.device('meta'), _BoundedConstruction(stored + len(tensors), p.class_name):
             shell = cls(*args, **kwargs)
     except PickleLoadError:
         raise
