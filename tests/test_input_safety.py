@@ -25,6 +25,7 @@ import make_pairs
 import train
 from dataset_tool import save_dataset
 from torch_utils import persistence
+from training import toy
 from training.networks import EDMPrecond, iDDPMPrecond
 
 TINY = dict(img_resolution=8, img_channels=3, label_dim=4, model_type='SongUNet', model_channels=16, channel_mult=[1],
@@ -219,6 +220,14 @@ def test_a_network_is_bounded_by_the_bytes_stored(name, monkeypatch):
     monkeypatch.setattr(iDDPMPrecond, 'alpha_bar', table_computed)
     with pytest.raises(persistence.PickleLoadError, match=message):
         persistence.load(io.BytesIO(data))
+
+
+def test_a_mixture_larger_than_memory_is_a_pickle_load_error():
+    """GMMDenoiser builds its mixture with numpy (beyond the meta device's bound): numpy refuses 87 TiB up front."""
+    net = toy.GMMDenoiser(img_resolution=4, img_channels=3, num_components=3)
+    net._init_kwargs['img_resolution'] = 10**6
+    with pytest.raises(persistence.PickleLoadError, match='cannot construct training.toy.GMMDenoiser .*MemoryError'):
+        persistence.load(io.BytesIO(pickle.dumps(dict(ema=net))))
 
 
 @pytest.mark.parametrize('command', ['teacher', 'generate'])

@@ -200,9 +200,10 @@ def _reconstruct_safely(meta):
 _UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, MemoryError, AttributeError, IndexError,
                     KeyError, OverflowError, RecursionError, RuntimeError, struct.error)
 
-# What this project's constructors raise on stored arguments they cannot use.
+# What this project's constructors raise on stored arguments they cannot use (MemoryError: numpy refusing an array
+# larger than memory, e.g. GMMDenoiser's mixture for a huge stored img_resolution, before allocating it).
 _CONSTRUCTION_ERRORS = (TypeError, ValueError, AssertionError, KeyError, IndexError, ZeroDivisionError, RuntimeError,
-                        OverflowError)
+                        OverflowError, MemoryError)
 
 
 def _scan(f):
