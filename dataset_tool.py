@@ -94,9 +94,10 @@ def check_labels(labels, label_names):
         if label_names is not None:
             raise DatasetError('label_names given without labels; pass labels too or drop label_names')
         return
+    from training.dataset import MAX_LABEL  # the reader's bound (imports torch: only when there are labels)
     for idx, label in enumerate(labels):
-        if not isinstance(label, (int, np.integer)) or isinstance(label, bool) or label < 0:
-            raise DatasetError(f'Label {idx} is {label!r}; labels must be non-negative integers')
+        if not isinstance(label, (int, np.integer)) or isinstance(label, bool) or not 0 <= label <= MAX_LABEL:
+            raise DatasetError(f'Label {idx} is {label!r}; labels must be integers in 0..{MAX_LABEL}')
         if label_names is not None and label >= len(label_names):
             raise DatasetError(f'Label {idx} is {label} but only {len(label_names)} label_names were given')
 
@@ -243,11 +244,16 @@ GRAY_MODES = {'1', 'L', 'LA'}
 COLOR_MODES = {'RGB', 'RGBA', 'RGBX', 'P', 'PA', 'CMYK', 'YCbCr'}
 
 
+# What PIL and zipfile raise for a damaged image file or zip member, or an image too large to decode (as the
+# training reader's list in training/dataset.py).
+BAD_IMAGE = (OSError, SyntaxError, EOFError, zipfile.BadZipFile, zlib.error, struct.error, PIL.Image.DecompressionBombError)
+
+
 # Open a file object as PIL image and report its (H, W, C) without decoding the pixels.
 def image_header(f, name):
     try:
         img = PIL.Image.open(f)
-    except OSError as e:
+    except BAD_IMAGE as e:
         raise DatasetError(f'Cannot read image "{name}" ({e}); remove or fix the file') from e
     if img.mode not in GRAY_MODES | COLOR_MODES:
         raise DatasetError(f'Image "{name}" has unsupported mode {img.mode}; convert it to 8-bit grayscale or RGB')
@@ -259,7 +265,7 @@ def decode_image(f, name):
     img, (_h, _w, c) = image_header(f, name)
     try:
         arr = np.asarray(img.convert('L' if c == 1 else 'RGB'))
-    except OSError as e:
+    except BAD_IMAGE as e:
         raise DatasetError(f'Cannot decode image "{name}" ({e}); remove or fix the file') from e
     return arr[:, :, np.newaxis] if arr.ndim == 2 else arr
 
@@ -321,8 +327,8 @@ def open_image_folder(folder, max_images):
     meta_path = os.path.join(folder, 'dataset.json')
     meta_text = None
     if os.path.isfile(meta_path):
-        with open(meta_path, 'r', encoding='utf-8') as f:
-            meta_text = f.read()
+        with open(meta_path, 'rb') as f:
+            meta_text = f.read()  # bytes: parse_labels tells JSON's encodings apart
     yield source_from_files(names, meta_text, lambda name: open(os.path.join(folder, *name.split('/')), 'rb'), folder)
 
 
@@ -335,7 +341,10 @@ def open_image_zip(path, max_images):
         raise DatasetError(f'Cannot read "{path}" as a zip ({e}); rebuild or download it again') from e
     with zf:
         names = sorted(name for name in zf.namelist() if is_image_fname(name))[:max_images]
-        meta_text = zf.read('dataset.json').decode('utf-8') if 'dataset.json' in zf.namelist() else None
+        try:
+            meta_text = zf.read('dataset.json') if 'dataset.json' in zf.namelist() else None
+        except BAD_IMAGE as e:
+            raise DatasetError(f'Cannot read dataset.json in "{path}" ({e}); rebuild or download it again') from e
         yield source_from_files(names, meta_text, zf.open, path)
 
 

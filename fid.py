@@ -53,7 +53,10 @@ def _init(detector, trust_detector):
 
 
 def _open_images(path):
+    """A folder or zip of images, every image of this rank's share decoded once now: a damaged one is one line naming
+    it here, not an error inside a DataLoader worker during the long pass."""
     dataset = ImageFolderDataset(path=path)
+    dataset.verify(dist.get_rank(), dist.get_world_size())
     dist.print0(f'Found {len(dataset)} images of shape {list(np.asarray(dataset[0][0]).shape)} in "{path}"')
     return dataset
 
@@ -132,6 +135,9 @@ def calc(image_path, ref_path, num_expected, num_alias, seed, detector, trust_de
 @_one_line_errors
 def ref(dataset_path, dest_path, detector, trust_detector, max_batch_size, num_workers):
     """Calculate reference statistics (mu, sigma) over all images of a dataset."""
+    if os.path.isdir(dest_path):  # found now, not after the pass over the data
+        raise click.ClickException(f'--dest "{dest_path}" is a directory; name the statistics file, e.g. '
+                                   f'--dest={os.path.join(dest_path, "ref.npz")}')
     device, detector_net = _init(detector, trust_detector)
     dataset = _open_images(dataset_path)
 
@@ -140,9 +146,12 @@ def ref(dataset_path, dest_path, detector, trust_detector, max_batch_size, num_w
                                                   num_workers=num_workers,
                                                   progress=dnnlib.util.share_updater(bar, dist.get_world_size()))
     if dist.get_rank() == 0:
-        if os.path.dirname(dest_path):
-            os.makedirs(os.path.dirname(dest_path), exist_ok=True)
-        dnnlib.util.atomic_write(dest_path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+        try:
+            if os.path.dirname(dest_path):
+                os.makedirs(os.path.dirname(dest_path), exist_ok=True)
+            dnnlib.util.atomic_write(dest_path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+        except OSError as e:  # a full disk, a read-only destination, ...
+            raise click.ClickException(dnnlib.util.os_error_message(e))
         print(f'Saved "{dest_path}"')
     dist.barrier()
     dist.shutdown()

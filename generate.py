@@ -147,6 +147,7 @@ def generate_batch(net, seeds, device='cpu', class_idx=None, model_kwargs=None, 
             class_labels = torch.zeros_like(class_labels)
             class_labels[torch.arange(len(seeds)), torch.as_tensor(class_idx)] = 1
     x = samplers.sample(net, latents, class_labels, rnd.randn_like, model_kwargs=model_kwargs, **sampler_kwargs)
+    samplers.require_finite(x, seeds)  # NaN would become a black image
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
 
 

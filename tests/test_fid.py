@@ -262,10 +262,14 @@ def test_inception_offline_and_cached(tmp_path, monkeypatch, fake_detector_pkl):
     with pytest.raises(OSError) as e:
         metrics.load_detector('inception')
     assert '\n' not in str(e.value) and metrics.INCEPTION_URL in str(e.value) and cache_path in str(e.value)
-    # Placed in the cache, the official file loads without network and without a trust flag.
+    # Placed in the cache, the official file loads without network once trusted (which records its sha256), then
+    # without a trust flag.
     os.makedirs(os.path.dirname(cache_path))
     with open(fake_detector_pkl, 'rb') as src, open(cache_path, 'wb') as dst:
         dst.write(src.read())
+    with pytest.raises(ValueError, match='not downloaded by this project'):
+        metrics.load_detector('inception')
+    metrics.load_detector('inception', trust=True)
     detector = metrics.load_detector('inception')
     x = torch.full([2, 3, 4, 4], 8, dtype=torch.uint8)
     assert torch.equal(detector(x, return_features=True), torch.full([2, 3], 4.0))

@@ -1,6 +1,7 @@
 """Inception Score and precision/recall: against numpy implementations written from the papers' definitions, through
 fid.py, offline detector files, torchrun, and as in-training metrics."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -175,13 +176,16 @@ def test_vgg16_offline_then_cached(tmp_path, monkeypatch, classifier_pkl):
     gen_dir = write_images(tmp_path / 'gen', random_images(5, [3, 4, 4], seed=4))
     result = CliRunner().invoke(fid.main, ['pr', '--images', gen_dir, '--data', gen_dir, '--num-images', '5'])
     assert_one_line_error(result, 'Cannot download the VGG16 detector', metrics.VGG16_URL, cache_path)
-    # Placed in the cache, the official file loads without network and without a trust flag.
+    # Placed in the cache, the official file loads without network once trusted (which records its sha256), then
+    # without a trust flag.
     os.makedirs(os.path.dirname(cache_path))
     with open(classifier_pkl, 'rb') as src, open(cache_path, 'wb') as dst:
         dst.write(src.read())
-    result = CliRunner().invoke(fid.main, ['pr', '--images', gen_dir, '--data', gen_dir, '--num-images', '5',
-                                           '--workers', '0'])
-    assert result.exit_code == 0 and result.output.splitlines()[-1] == 'precision 1 recall 1', result.output
+    args = ['pr', '--images', gen_dir, '--data', gen_dir, '--num-images', '5', '--workers', '0']
+    assert_one_line_error(CliRunner().invoke(fid.main, args), 'not downloaded by this project', '--trust-detector')
+    for trust in [['--trust-detector'], []]:
+        result = CliRunner().invoke(fid.main, args + trust)
+        assert result.exit_code == 0 and result.output.splitlines()[-1] == 'precision 1 recall 1', result.output
 
 # ----------------------------------------------------------------------------
 
@@ -243,13 +247,15 @@ def test_features_and_in_training_pr_across_two_processes_in_global_order(tmp_pa
 # ----------------------------------------------------------------------------
 
 def test_in_training_is_and_pr_equal_fid_py_on_generated_images(teacher_pkl, tmp_path, monkeypatch, classifier_pkl):
-    """--metrics=is1k,pr1k with the official detector names (files placed in the cache: no network) give what
-    generate.py + the same detectors give for seeds 0-999, against --pr-data."""
+    """--metrics=is1k,pr1k with the official detector names (files placed in the cache with the sha256 a download
+    records: no network) give what generate.py + the same detectors give for seeds 0-999, against --pr-data."""
     monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'cache'))
     for url in (metrics.INCEPTION_URL, metrics.VGG16_URL):
         os.makedirs(os.path.dirname(dnnlib.util.url_cache_path(url)), exist_ok=True)
         with open(dnnlib.util.url_cache_path(url), 'wb') as f:
             f.write(classifier_pkl.read_bytes())
+        with open(dnnlib.util.url_cache_path(url) + '.sha256', 'w') as f:
+            f.write(hashlib.sha256(classifier_pkl.read_bytes()).hexdigest())
     real = write_images(tmp_path / 'real', random_images(30, [3, 8, 8], seed=7))
     args = [f'--outdir={tmp_path / "run"}', f'--teacher={teacher_pkl}', '--duration=0.000008', '--nosubdir',
             *DMD_ARGS, '--metrics=is1k,pr1k']

@@ -15,10 +15,12 @@ import copy
 import importlib
 import inspect
 import io
+import math
 import pickle
 import pickletools
 import struct
 import sys
+import threading
 import types
 
 import numpy as np
@@ -198,9 +200,10 @@ def _reconstruct_safely(meta):
 _UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, MemoryError, AttributeError, IndexError,
                     KeyError, OverflowError, RecursionError, RuntimeError, struct.error)
 
-# What this project's constructors raise on stored arguments they cannot use.
+# What this project's constructors raise on stored arguments they cannot use (MemoryError: numpy refusing an array
+# larger than memory, e.g. GMMDenoiser's mixture for a huge stored img_resolution, before allocating it).
 _CONSTRUCTION_ERRORS = (TypeError, ValueError, AssertionError, KeyError, IndexError, ZeroDivisionError, RuntimeError,
-                        OverflowError)
+                        OverflowError, MemoryError)
 
 
 def _scan(f):
@@ -235,6 +238,21 @@ def _load_storage_from_bytes(b):
         raise PickleLoadError(f'corrupt tensor storage ({_summary(e)})') from None
 
 
+def _rebuild_tensor(storage, storage_offset, size, stride, *rest):
+    """torch's _rebuild_tensor_v2, refusing a view that reaches past its storage (torch would grow the storage to fit:
+    memory the file does not hold) or has more elements than it (stride 0): the file's bytes bound its tensors."""
+    if not isinstance(storage, torch.TypedStorage) or not isinstance(size, tuple) or not isinstance(stride, tuple) \
+            or len(size) != len(stride) or not all(isinstance(v, int) and v >= 0 for v in (storage_offset, *size, *stride)):
+        raise PickleLoadError('malformed tensor (expected a storage, an offset, and sizes and strides as tuples of ints)')
+    numel = math.prod(size)
+    extent = storage_offset + sum((n - 1) * st for n, st in zip(size, stride)) + 1 if numel else 0  # elements used
+    held = storage._size()  # elements; size() is the same, with a deprecation warning for TypedStorage
+    if max(numel, extent) > held:
+        raise PickleLoadError(f'a tensor of shape {list(size)} (strides {list(stride)}) needs {max(numel, extent)} elements '
+                              f'of a storage that holds {held}')
+    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, *rest)
+
+
 # numpy 2 moved numpy.core to numpy._core; files name either, both resolve to this one function.
 _numpy_scalar = importlib.import_module('numpy._core.multiarray' if int(np.__version__.split('.')[0]) >= 2 else 'numpy.core.multiarray').scalar
 
@@ -243,7 +261,7 @@ _numpy_scalar = importlib.import_module('numpy._core.multiarray' if int(np.__ver
 _safe_globals = {
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _reconstruct_safely,
     ('collections', 'OrderedDict'):                              collections.OrderedDict,
-    ('torch._utils', '_rebuild_tensor_v2'):                      torch._utils._rebuild_tensor_v2,
+    ('torch._utils', '_rebuild_tensor_v2'):                      _rebuild_tensor,
     ('torch._utils', '_rebuild_parameter'):                      torch._utils._rebuild_parameter,
     ('torch.storage', '_load_from_bytes'):                       _load_storage_from_bytes,
     ('torch.nn.modules.container', 'ModuleDict'):                torch.nn.ModuleDict,  # rebuilt via __setstate__ only
@@ -254,8 +272,9 @@ _safe_globals = {
 }
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Resolves globals only through the allow-list, so loading a file never imports or calls anything else."""
+class _SafeUnpickler(pickle._Unpickler):
+    """Resolves globals only through the allow-list, so loading a file never imports or calls anything else.
+    Python's own unpickler (as fast here: the time goes to the tensor blobs), so that BUILD can be checked."""
     def find_class(self, module, name):
         obj = _safe_globals.get((module, name))
         if obj is None:
@@ -265,15 +284,38 @@ class _SafeUnpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         raise PickleLoadError('pickle uses persistent ids (a torch.save file?); use torch.load for it')
 
+    def load_build(self):
+        # BUILD sets attributes on the object below its state: on an allow-listed class or function that would change
+        # it for the rest of the process, on a stand-in the class name already checked.
+        target = self.stack[-2] if len(self.stack) >= 2 else None
+        if any(target is obj for obj in _safe_globals.values()) or isinstance(target, _Persisted):
+            raise PickleLoadError(f'pickle sets attributes of {getattr(target, "__name__", type(target).__name__)}, '
+                                  f'which no pickler writes')
+        super().load_build()
 
-def _is_plain(value):
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+# How deeply containers may nest in a file: EDM's snapshots nest a few levels; a crafted file (or one that contains
+# itself) would otherwise exhaust the recursion of the walks below.
+MAX_DEPTH = 100
+
+
+def _check_depth(depth):
+    if depth > MAX_DEPTH:
+        raise PickleLoadError(f'nests containers or modules more than {MAX_DEPTH} levels deep (or refers to itself)')
+
+
+def _is_plain(value, depth=0):
     """Plain data (None/bool/int/float/str and lists/tuples/dicts of those): safe to copy onto a rebuilt object."""
+    _check_depth(depth)
     if value is None or isinstance(value, (bool, int, float, str)):
         return True
     if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
+        return all(_is_plain(v, depth + 1) for v in value)
     if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+        return all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
     return False
 
 
@@ -285,9 +327,12 @@ def _entries(state, key, prefix):
     return list(entries.items())
 
 
-def _gather_tensors(state, prefix, out):
+def _gather_tensors(state, prefix, out, depth=0):
     """Collect the state-dict entries of a persisted module tree (params, persistent buffers, children)."""
+    _check_depth(depth)
     skip = state.get('_non_persistent_buffers_set', set())
+    if not isinstance(skip, set):
+        raise PickleLoadError(f'"{prefix}_non_persistent_buffers_set" is not a set')
     buffers = [(k, v) for k, v in _entries(state, '_buffers', prefix) if k not in skip]
     for name, t in _entries(state, '_parameters', prefix) + buffers:
         if t is None:
@@ -297,11 +342,48 @@ def _gather_tensors(state, prefix, out):
         out[prefix + name] = t
     for name, child in _entries(state, '_modules', prefix):
         if isinstance(child, _Persisted):
-            _gather_tensors(child.state, f'{prefix}{name}.', out)
+            _gather_tensors(child.state, f'{prefix}{name}.', out, depth + 1)
         elif isinstance(child, torch.nn.ModuleDict):
-            _gather_tensors(child.__dict__, f'{prefix}{name}.', out)
+            _gather_tensors(child.__dict__, f'{prefix}{name}.', out, depth + 1)
         elif child is not None:
             raise PickleLoadError(f'submodule "{prefix}{name}" is a {type(child).__name__}, not a persisted module')
+
+
+class _BoundedConstruction(torch.overrides.TorchFunctionMode):
+    """While a constructor runs (in this thread): stop it once the tensors it registers cost more than `budget`, one
+    unit per tensor and per element, and refuse any tensor factory call for more elements than `budget` before it
+    allocates (some constructors compute tables on the CPU even on the meta device: iDDPMPrecond's M noise levels).
+    So a small file cannot describe a large network, nor make its meta shell allocate or build a million modules."""
+    _factories = {torch.zeros, torch.ones, torch.empty, torch.full, torch.rand, torch.randn}
+
+    def __init__(self, budget, class_name):
+        super().__init__()
+        self.budget, self.used, self.owner = budget, 0, threading.get_ident()
+        self.error = PickleLoadError(f'the stored arguments of {class_name} describe a network larger than the tensors '
+                                     f'stored for it (more than {budget} elements and tensors)')
+
+    def _count(self, module, name, tensor):
+        if tensor is not None and threading.get_ident() == self.owner:
+            self.used += 1 + tensor.numel()
+            if self.used > self.budget:
+                raise self.error
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._factories and args:
+            size = args[0] if isinstance(args[0], (tuple, list, torch.Size)) else args  # zeros([n, m]) or zeros(n, m)
+            if all(isinstance(n, int) for n in size) and math.prod(size) > self.budget:
+                raise self.error
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        self.hooks = [torch.nn.modules.module.register_module_parameter_registration_hook(self._count),
+                      torch.nn.modules.module.register_module_buffer_registration_hook(self._count)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        return super().__exit__(*exc)
 
 
 def _build(p):
@@ -311,14 +393,19 @@ def _build(p):
     if not isinstance(args, tuple) or not isinstance(kwargs, dict) or not _is_plain(args) or not _is_plain(kwargs):
         raise PickleLoadError(f'persisted {p.class_name} lacks plain-data constructor arguments (_init_args/_init_kwargs)')
     cls = dnnlib.util.get_obj_by_name(_safe_classes[p.class_name])
+    tensors = dict()
+    _gather_tensors(state, '', tensors)
+    # The bytes the file really holds for them: each distinct storage once (tensors may be views of one storage).
+    stored = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()}.values())
     try:
-        with torch.device('meta'):  # shapes first, allocating nothing: garbled arguments could ask for a huge network
+        # Shapes first, allocating nothing, and no more (elements, tensors) than stored: every element takes a byte.
+        with torch.device('meta'), _BoundedConstruction(stored + len(tensors), p.class_name):
             shell = cls(*args, **kwargs)
+    except PickleLoadError:
+        raise
     except _CONSTRUCTION_ERRORS as e:  # stored arguments this project's class does not take or rejects
         raise PickleLoadError(f'cannot construct {_safe_classes[p.class_name]} from the stored arguments ({_summary(e)})') from None
     if isinstance(shell, torch.nn.Module):
-        tensors = dict()
-        _gather_tensors(state, '', tensors)
         expected = shell.state_dict()
         problems = [f'missing {k}' for k in expected if k not in tensors]
         problems += [f'unexpected {k}' for k in tensors if k not in expected]
@@ -327,7 +414,7 @@ def _build(p):
         if problems:
             raise PickleLoadError(f'stored weights of {p.class_name} do not match training.networks '
                                   f'({len(problems)} problems: {"; ".join(problems[:3])})')
-    obj = cls(*args, **kwargs)  # for real: as large as the stored tensors, which the file's size bounds
+    obj = cls(*args, **kwargs)  # for real: as large as the shell, which the stored bytes bound
     if isinstance(obj, torch.nn.Module):
         obj.load_state_dict(tensors, strict=True)
         for name, param in obj.named_parameters():
@@ -342,16 +429,17 @@ def _build(p):
     return obj
 
 
-def _materialize(obj, memo):
+def _materialize(obj, memo, depth=0):
     """Replace every top-level stand-in (inside plain dicts, lists and tuples) by the object it describes."""
+    _check_depth(depth)
     if id(obj) in memo:
         return memo[id(obj)]
     if isinstance(obj, _Persisted):
         out = _build(obj)
     elif isinstance(obj, dict):
-        out = type(obj)((k, _materialize(v, memo)) for k, v in obj.items())
+        out = type(obj)((k, _materialize(v, memo, depth + 1)) for k, v in obj.items())
     elif isinstance(obj, (list, tuple)):
-        out = type(obj)(_materialize(v, memo) for v in obj)
+        out = type(obj)(_materialize(v, memo, depth + 1) for v in obj)
     else:
         return obj
     memo[id(obj)] = out

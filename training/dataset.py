@@ -15,17 +15,22 @@ import dnnlib
 
 # ----------------------------------------------------------------------------
 
-# What PIL and zipfile raise for a damaged image file or zip member.
-_BAD_IMAGE = (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, struct.error)
+# What PIL and zipfile raise for a damaged image file or zip member, or an image too large to decode.
+_BAD_IMAGE = (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, struct.error,
+              PIL.Image.DecompressionBombError)
+
+# The largest class index a dataset may have: labels are one-hot vectors of max + 1 entries (ImageNet-21k has 21841).
+MAX_LABEL = 100_000
 
 
-def parse_labels(text, where):
-    """dataset.json ({"labels": [[file name, class], ...] or null}) as {file name: class}, or None for no labels.
-    Malformed files give one line naming the file and the fix."""
+def parse_labels(data, where):
+    """dataset.json's bytes ({"labels": [[file name, class], ...] or null}) as {file name: class}, or None for no
+    labels. In UTF-8, -16 or -32 (JSON's encodings, told apart as json.loads does). Malformed files give one line
+    naming the file and the fix."""
     fix = ('write it as {"labels": [["00000/img00000000.png", 6], ...]} (one [file name, class] pair per image, '
-           'as dataset_tool.py does) or {"labels": null}')
+           f'class in 0..{MAX_LABEL}, as dataset_tool.py does) or {{"labels": null}}')
     try:
-        meta = json.loads(text)
+        meta = json.loads(data)
     except ValueError as e:
         raise ValueError(f'dataset.json in "{where}" is not valid JSON ({e}); {fix}') from None
     if not isinstance(meta, dict) or 'labels' not in meta:
@@ -38,9 +43,9 @@ def parse_labels(text, where):
     table = {}
     for i, entry in enumerate(entries):
         ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
-        if not ok or not isinstance(entry[1], int) or isinstance(entry[1], bool) or entry[1] < 0:
+        if not ok or not isinstance(entry[1], int) or isinstance(entry[1], bool) or not 0 <= entry[1] <= MAX_LABEL:
             raise ValueError(f'dataset.json in "{where}": labels entry {i} is {json.dumps(entry)[:80]}, not a '
-                             f'[file name, non-negative integer class] pair; {fix}')
+                             f'[file name, integer class] pair with class in 0..{MAX_LABEL}; {fix}')
         table[entry[0].replace('\\', '/')] = entry[1]
     return table
 
@@ -140,11 +145,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def _load_raw_image(self, raw_idx):
         fname = self._image_fnames[raw_idx]
         with self._open_member(fname) as f:
-            try:
-                img = PIL.Image.open(f)
-                img = np.array(img if img.mode in ('L', 'RGB') else img.convert('RGB'))
-            except _BAD_IMAGE as e:
-                raise self._unreadable(fname, e) from None
+            return self._decode(fname, f)
+
+    def _decode(self, fname, f):
+        """The image in file object f as uint8 CHW; a damaged or oversized one is a one-line error naming fname."""
+        try:
+            img = PIL.Image.open(f)
+            img = np.array(img if img.mode in ('L', 'RGB') else img.convert('RGB'))
+        except _BAD_IMAGE as e:
+            raise self._unreadable(fname, e) from None
         img = img[:, :, np.newaxis] if img.ndim == 2 else img
         return img.transpose(2, 0, 1)  # HWC -> CHW
 
@@ -160,17 +169,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                           f'rebuild the dataset with dataset_tool.py')
 
     def verify(self, part=0, parts=1):
-        """Read every image's bytes (a zip checks each member's CRC) and header: corrupt members and images of another
-        size fail now, naming the file, rather than in the middle of a run. About as costly as reading the data once;
+        """Read every image's bytes (a zip checks each member's CRC) and decode them (PIL's verify() does not
+        decompress: garbage pixel data under valid chunk CRCs passes it): corrupt members and images of another size
+        fail now, naming the file, rather than in the middle of a run. As costly as reading the data once;
         `part` of `parts` reads every parts-th image (the ranks of a job share the work)."""
         for fname in self._image_fnames[part::parts]:
             with self._open_member(fname) as f:
                 try:
-                    img = PIL.Image.open(io.BytesIO(f.read()))
-                    shape = [1 if img.mode == 'L' else 3, img.height, img.width]
-                    img.verify()
+                    data = f.read()  # to the end: zipfile checks the CRC there
                 except _BAD_IMAGE as e:
                     raise self._unreadable(fname, e) from None
+            shape = list(self._decode(fname, io.BytesIO(data)).shape)
             if shape != self._image_shape:
                 raise ValueError(f'Image "{fname}" in "{self._path}" has shape {shape} (CHW) but the dataset has '
                                  f'{self._image_shape}; rebuild it with dataset_tool.py (--resolution, --transform)')

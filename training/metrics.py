@@ -11,6 +11,7 @@ across ranks, and the three scores computed from them.
 
 import functools
 import io
+import os
 import re
 import zipfile
 
@@ -21,6 +22,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import persistence
+from training.pairs import file_sha256
 
 # The feature network of every NVIDIA FID script (StyleGAN2-ADA, StyleGAN3, EDM), used as-is so scores compare.
 INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
@@ -38,36 +40,65 @@ def pixels_detector(images, return_features=True):
     return images.flatten(1).to(torch.float64) / 127.5 - 1
 
 
+_TRUST_FLAGS = '--trust-detector (fid.py) or --trust-pickle (train.py)'
+
+
 def load_detector(name_or_url='inception', device=torch.device('cpu'), trust=False):
     """'inception' (EDM's Inception-v3 pickle), 'vgg16' (StyleGAN3's), 'pixels', or the PATH|URL of a pickled
     detector (needs trust=True).
 
     Unpickling a callable runs code from the file. The official URLs are trusted without asking: they are the files
     NVIDIA's own metric scripts unpickle, served over HTTPS by NVIDIA's NGC registry, i.e. the same publisher whose
-    EDM code and references define the metrics. Any other file must be trusted explicitly.
+    EDM code and references define the metrics; their cached copies are checked first (`_official_file`). Any other
+    file must be trusted explicitly.
     """
     if name_or_url == 'pixels':
         return pixels_detector
     url = OFFICIAL_DETECTORS.get(name_or_url, name_or_url)
     official = url in OFFICIAL_DETECTORS.values()
+    if not official and not dnnlib.util.is_url(url) and not os.path.isfile(url):
+        raise ValueError(f'No such detector "{url}": use inception, vgg16, pixels, or the PATH|URL of a pickled '
+                         f'detector (with {_TRUST_FLAGS})')
     if not official and not trust:
         raise ValueError(f'Refusing to unpickle detector "{url}": loading it runs code from the file; pass '
-                         f'--trust-detector (fid.py) or --trust-pickle (train.py) only for a file you trust')
-    try:
-        f = dnnlib.util.open_url(url)
-    except OSError as e:
-        if not official:
-            raise
-        name = 'Inception' if url == INCEPTION_URL else 'VGG16'
-        raise OSError(f'Cannot download the {name} detector: fetch {url} elsewhere and place it at '
-                      f'"{dnnlib.util.url_cache_path(url)}", or pass --detector=PATH --trust-detector') from e
-    with f:
+                         f'{_TRUST_FLAGS} only for a file you trust')
+    with open(_official_file(url, trust), 'rb') if official else dnnlib.util.open_url(url) as f:
         detector = persistence.load(f, allow_code=True)
     if not callable(detector):
         raise ValueError(f'Detector "{url}" unpickled to a {type(detector).__name__}, not a callable network')
     if isinstance(detector, torch.nn.Module):
         detector = detector.eval().requires_grad_(False).to(device)
     return detector
+
+
+def _official_file(url, trust):
+    """The cached download of an official detector, checked against the sha256 recorded beside it (FILE.sha256) when
+    this project downloaded it: trust on first use, as NVIDIA publishes no checksum. A cached file with another hash
+    (replaced or damaged), or with none recorded (placed by hand), is unpickled only with trust=True, which records
+    its hash. This guards against a cache file changed after the download, not against one who can write both."""
+    name = 'Inception' if url == INCEPTION_URL else 'VGG16'
+    downloading = not os.path.isfile(dnnlib.util.url_cache_path(url))
+    try:
+        path = dnnlib.util.open_url(url, return_filename=True)
+    except OSError as e:
+        raise OSError(f'Cannot download the {name} detector: fetch {url} elsewhere, place it at '
+                      f'"{dnnlib.util.url_cache_path(url)}" and pass {_TRUST_FLAGS} once (it records the file\'s '
+                      f'sha256), or pass --detector=PATH --trust-detector') from e
+    digest = file_sha256(path)
+    record = path + '.sha256'
+    recorded = open(record).read().strip() if os.path.isfile(record) else None
+    if downloading or trust:
+        if recorded != digest:
+            dnnlib.util.atomic_write(record, lambda f: f.write(digest + '\n'), mode='w')
+    elif recorded is None:
+        raise ValueError(f'Refusing to unpickle the {name} detector "{path}": it was not downloaded by this project '
+                         f'(no sha256 recorded beside it) and loading it runs code from it; pass {_TRUST_FLAGS} once '
+                         f'if you trust the file (its sha256 is then recorded), or delete it to download it again')
+    elif recorded != digest:
+        raise ValueError(f'Refusing to unpickle the {name} detector "{path}": its sha256 differs from the one recorded '
+                         f'when it was downloaded (replaced or damaged); delete it to download it again, or pass '
+                         f'{_TRUST_FLAGS} if you trust it')
+    return path
 
 # ----------------------------------------------------------------------------
 # Feature statistics: sums in float64 on each rank, one all-reduce, then mean and unbiased covariance.

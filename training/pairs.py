@@ -106,6 +106,7 @@ def sample_pairs(net, seeds, device, sampler, class_idx=None):
     rnd, z, classes = seed_inputs(seeds, net.img_channels, net.img_resolution, net.label_dim, device, class_idx)
     labels = None if classes is None else torch.eye(net.label_dim, device=z.device)[classes]
     y = samplers.sample(net, z, labels, rnd.randn_like, **sampler)
+    samplers.require_finite(y, seeds)
     return z, classes, y
 
 

@@ -259,3 +259,15 @@ def sample(net, latents, class_labels=None, randn_like=torch.randn_like, model_k
         return euler_sampler(net, latents, class_labels, sigmas, model_kwargs=model_kwargs, clip_denoised=s['clip_denoised'])
     return edm_sampler(net, latents, class_labels, randn_like, **{k: v for k, v in s.items() if k != 'grid'},
                        model_kwargs=model_kwargs)
+
+
+def require_finite(x, seeds):
+    """ValueError naming the seeds whose samples (x[i] for seeds[i]) hold a NaN or an infinity: such samples would be
+    written as black images, stored as pairs or scored (a network with NaN weights, a sampler setting out of range)."""
+    finite = torch.isfinite(x).flatten(1).all(1).tolist()
+    if all(finite):
+        return
+    bad = [str(seed) for seed, ok in zip(seeds, finite) if not ok]
+    more = f' and {len(bad) - 10} more' if len(bad) > 10 else ''
+    raise ValueError(f'Sampling gave non-finite values for seed(s) {", ".join(bad[:10])}{more}; nothing was written '
+                     f'for them: check the network\'s weights and the sampler settings')

@@ -498,7 +498,7 @@ def _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device):
         return
     from training import metrics as metric_lib
     from training.dataset import ImageFolderDataset
-    from training.samplers import StackedRandomGenerator
+    from training.samplers import StackedRandomGenerator, require_finite
     ref_net = next(iter(method.networks().values()))
     shape = [ref_net.img_channels, ref_net.img_resolution, ref_net.img_resolution]
     label_dim = ref_net.label_dim
@@ -508,7 +508,12 @@ def _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device):
         rnd = StackedRandomGenerator(device, seeds)
         z = rnd.randn([len(seeds), *shape])
         c = torch.eye(label_dim, device=device)[rnd.randint(label_dim, size=[len(seeds)])] if label_dim else None
-        return (method.sample(z, c) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+        x = method.sample(z, c)
+        try:
+            require_finite(x, seeds)  # NaN would be scored as black images
+        except ValueError as e:
+            raise dnnlib.util.RunError(_diverged_message(f'the metrics\' samples are not finite ({e})', run_dir, cur_nimg))
+        return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
     def downloaded(key, load):  # loaded once per process; a URL is downloaded into the cache once
         if key not in _metric_cache:
