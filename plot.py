@@ -7,6 +7,7 @@ Needs matplotlib (`pip install matplotlib`), which nothing else here does.
 """
 
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -105,10 +106,8 @@ def plot_run(run, out, title=None):
 @click.option('--out', help='PNG to write  [default: DIR/plot.png]', metavar='PNG', type=str)
 def main(run_dir, out):
     """Plot a run's loss curves, metric curves and timing as one PNG."""
-    try:
-        import matplotlib  # noqa: F401 (optional dependency)
-    except ImportError:
-        raise click.ClickException('plot.py needs matplotlib: pip install matplotlib') from None
+    if importlib.util.find_spec('matplotlib') is None:  # an optional dependency: say so before reading anything
+        raise click.ClickException('plot.py needs matplotlib: pip install matplotlib')
     out = out or os.path.join(run_dir, 'plot.png')
     try:
         plot_run(read_run(run_dir), out, title=os.path.basename(os.path.normpath(run_dir)))

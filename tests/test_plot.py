@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import plot
 import train
-from test_dmd import DMD_ARGS, teacher_pkl  # noqa: F401 (a fixture: a tiny conditional 8x8 teacher)
+from test_dmd import DMD_ARGS
 
 
 def stat(mean):
