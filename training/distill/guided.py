@@ -14,7 +14,7 @@ benchmark they left the student far off there). The guide D_u is
                 al. 2024), called with the same labels. The user supplies that weaker model.
 
 Stage two is `--method=pd` on a stage-one snapshot with w carried through (--w-range). Sample any w with
-`generate.py --guidance=w`. See METHODS.md section 5.
+`generate.py --guidance=w`.
 """
 
 import copy

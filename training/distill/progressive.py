@@ -10,7 +10,7 @@ option, by EDM's lam(s) = 1/s^2 + 1/sd^2, which is SNR + 4 for sd = 0.5). A roun
 updates (officially 50k for every round) with a fresh Adam, gradients clipped at global norm 1 and a learning rate
 decaying linearly from the base lr to 0 (no warm-up), then the student (or its EMA) becomes the next teacher and
 N halves. Stage two of guided distillation is this method with a w-conditioned teacher: w ~ U[w_min, w_max] is
-drawn per sample and given to teacher and student alike. See METHODS.md section 4.
+drawn per sample and given to teacher and student alike.
 
 x comes from --data: PD needs real (or teacher-generated) images, and generating them with the teacher's own
 sampler would cost up to 2N teacher evaluations per sample, so this implementation requires a dataset.
