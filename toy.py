@@ -182,7 +182,7 @@ def cli():
 
 @cli.command('build')
 @click.option('--outdir',        help='Where to write the problem', metavar='DIR', type=str, required=True)
-@click.option('--resolution',    help='Image resolution', metavar='INT', type=options.Int(min=2), default=16, show_default=True)
+@click.option('--resolution',    help='Image resolution (the exact covariance is (3R^2)^2 float64s: 1.2 GB at 64)', metavar='INT', type=options.Int(min=2, max=64), default=16, show_default=True)
 @click.option('--channels',      help='Colour channels', type=click.Choice(['1', '3']), default='3', show_default=True)
 @click.option('--K', 'K',        help='Number of components (= classes)', metavar='INT', type=options.Int(min=1), default=10, show_default=True)
 @click.option('--seed',          help='Seed of the problem, dataset and fit', metavar='INT', type=options.SEED, default=0, show_default=True)
