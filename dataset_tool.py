@@ -20,6 +20,7 @@ import numpy as np
 import PIL.Image
 
 from dnnlib.util import atomic_write, is_hidden, os_error_message, progress_bar
+from torch_utils import options
 
 # ----------------------------------------------------------------------------
 # Bad input data; a ValueError for library callers, a one-line click error in the CLI.
@@ -476,7 +477,7 @@ def parse_resolution(_ctx, _param, value):
 @click.command()
 @click.option('--source',     help='CIFAR-10 tarball, MNIST .gz, image folder or zip', metavar='PATH', required=True)
 @click.option('--dest',       help='Output zip (stored) or folder', metavar='PATH', required=True)
-@click.option('--max-images', help='Keep only the first N images', metavar='INT', type=click.IntRange(min=1))
+@click.option('--max-images', help='Keep only the first N images', metavar='INT', type=options.Int(min=1))
 @click.option('--transform',  help='Crop/resize recipe', type=click.Choice(sorted(TRANSFORMS)))
 @click.option('--resolution', help='Output resolution, e.g. 64x64', metavar='WxH', callback=parse_resolution)
 def main(source, dest, max_images, transform, resolution):

@@ -22,6 +22,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import options
 from training import metrics
 from training.dataset import ImageFolderDataset
 
@@ -69,9 +70,9 @@ def detector_options(default):
         click.option('--trust-detector', help='Allow unpickling a detector file other than the official Inception '
                      'and VGG16 ones (runs code from it)', is_flag=True),
         click.option('--batch', 'max_batch_size', help='Maximum batch size per process', metavar='INT',
-                     type=click.IntRange(min=1), default=64, show_default=True),
+                     type=options.BATCH, default=64, show_default=True),
         click.option('--workers', 'num_workers', help='Data loader processes per rank', metavar='INT',
-                     type=click.IntRange(min=0), default=2, show_default=True),
+                     type=options.Int(min=0), default=2, show_default=True),
     ]
 
 
@@ -93,9 +94,9 @@ def main():
 @main.command()
 @click.option('--images', 'image_path', help='Generated images: a folder or zip', metavar='PATH|ZIP', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics (np.savez with mu, sigma)', metavar='NPZ|URL', type=str, required=True)
-@click.option('--num-images', 'num_expected', help='Number of images to use', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
-@click.option('--num', 'num_alias', help='EDM\'s name of --num-images (not under torchrun)', metavar='INT', type=click.IntRange(min=2), hidden=True)
-@click.option('--seed', help='Random seed for choosing the images when there are more', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--num-images', 'num_expected', help='Number of images to use', metavar='INT', type=options.Int(min=2), default=50000, show_default=True)
+@click.option('--num', 'num_alias', help='EDM\'s name of --num-images (not under torchrun)', metavar='INT', type=options.Int(min=2), hidden=True)
+@click.option('--seed', help='Random seed for choosing the images when there are more', metavar='INT', type=options.SEED, default=0, show_default=True)
 @_with_detector_options()
 @_one_line_errors
 def calc(image_path, ref_path, num_expected, num_alias, seed, detector, trust_detector, max_batch_size, num_workers):
@@ -160,9 +161,9 @@ def ref(dataset_path, dest_path, detector, trust_detector, max_batch_size, num_w
 
 @main.command('is')
 @click.option('--images', 'image_path', help='Generated images: a folder or zip', metavar='PATH|ZIP', type=str, required=True)
-@click.option('--num-images', 'num_expected', help='Number of images to use', metavar='INT', type=click.IntRange(min=10), default=50000, show_default=True)
-@click.option('--splits', help='Consecutive parts the score is averaged over', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
-@click.option('--seed', help='Random seed for choosing the images when there are more', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--num-images', 'num_expected', help='Number of images to use', metavar='INT', type=options.Int(min=10), default=50000, show_default=True)
+@click.option('--splits', help='Consecutive parts the score is averaged over', metavar='INT', type=options.Int(min=1), default=10, show_default=True)
+@click.option('--seed', help='Random seed for choosing the images when there are more', metavar='INT', type=options.SEED, default=0, show_default=True)
 @_with_detector_options()
 @_one_line_errors
 def inception_score(image_path, num_expected, splits, seed, detector, trust_detector, max_batch_size, num_workers):
@@ -185,8 +186,8 @@ def inception_score(image_path, num_expected, splits, seed, detector, trust_dete
 @main.command()
 @click.option('--images', 'image_path', help='Generated images: a folder or zip', metavar='PATH|ZIP', type=str, required=True)
 @click.option('--data', 'dataset_path', help='Real images: a folder or zip', metavar='PATH|ZIP', type=str, required=True)
-@click.option('--num-images', 'num_expected', help='Number of generated images to use', metavar='INT', type=click.IntRange(min=4), default=50000, show_default=True)
-@click.option('--seed', help='Random seed for choosing the images when there are more', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--num-images', 'num_expected', help='Number of generated images to use', metavar='INT', type=options.Int(min=4), default=50000, show_default=True)
+@click.option('--seed', help='Random seed for choosing the images when there are more', metavar='INT', type=options.SEED, default=0, show_default=True)
 @_with_detector_options('vgg16')
 @_one_line_errors
 def pr(image_path, dataset_path, num_expected, seed, detector, trust_detector, max_batch_size, num_workers):

@@ -7,7 +7,6 @@ Each image depends only on its seed, never on the batch size or the number of pr
 """
 
 import os
-import re
 
 import click
 import numpy as np
@@ -16,34 +15,12 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from torch_utils import options
 from torch_utils import persistence
 from training import networks, samplers
 
 # ----------------------------------------------------------------------------
 # Command-line helpers.
-
-def parse_int_list(s):
-    """'0-63,100' -> [0, 1, ..., 63, 100]: comma-separated non-negative ints and inclusive ranges."""
-    result = []
-    for part in s.split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
-        if m is None:
-            raise ValueError(f'malformed item "{part}" in "{s}": use comma-separated non-negative integers and '
-                             f'inclusive ranges, e.g. 0-63,100')
-        lo = int(m.group(1))
-        hi = lo if m.group(2) is None else int(m.group(2))
-        if hi < lo:
-            raise ValueError(f'empty range "{part}" in "{s}": write the smaller bound first, e.g. {hi}-{lo}')
-        result.extend(range(lo, hi + 1))
-    return result
-
-
-def _parse_seeds(ctx, param, value):
-    try:
-        return parse_int_list(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e), ctx=ctx, param=param)
-
 
 def load_network(network_pkl, device='cpu', allow_code=False):
     """The network to sample from a snapshot pickle ({'ema': net, ...}) or a bare network pickle, path or URL (http(s)
@@ -55,8 +32,6 @@ def load_network(network_pkl, device='cpu', allow_code=False):
 def init_and_load(device, network_pkl, allow_code, what):
     """The command lines' start: check --device, init (torchrun-aware), load the network for inference with rank 0
     first, so that a URL is downloaded into the cache only once. Returns (device, net); one-line errors."""
-    if device == 'cuda' and not torch.cuda.is_available():
-        raise click.ClickException('--device=cuda, but CUDA is not available; use --device=cpu')
     try:
         device = dist.init(device)
     except ValueError as e:  # a malformed $EDM_DISTILL_TIMEOUT_MIN
@@ -174,25 +149,25 @@ def generate_images(net, seeds, outdir, batch=64, device='cpu', subdirs=False, c
 @click.command()
 @click.option('--network', 'network_pkl', help='Network pickle filename or URL', metavar='PATH|URL', type=str, required=True)
 @click.option('--outdir',                 help='Where to save the output images', metavar='DIR', type=str, required=True)
-@click.option('--seeds',                  help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=str, default='0-63', show_default=True, callback=_parse_seeds)
+@click.option('--seeds',                  help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=options.IntList(max=options.MAX_SEED), default='0-63', show_default=True)
 @click.option('--subdirs',                help='Create subdirectory for every 1000 seeds', is_flag=True)
-@click.option('--class', 'class_idx',     help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
-@click.option('--batch', 'batch',         help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--steps', 'num_steps',     help='Number of sampling steps  [default: 18 or the network\'s spec]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--sigma_min',              help='Lowest noise level  [default: 0.002, per --disc, or spec]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_max',              help='Highest noise level  [default: 80, per --disc, or spec]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--rho',                    help='Time step exponent  [default: 7 or spec]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--S_churn', 'S_churn',     help='Stochasticity strength  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S_min', 'S_min',         help='Stoch. min noise level  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S_max', 'S_max',         help='Stoch. max noise level  [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S_noise', 'S_noise',     help='Stoch. noise inflation  [default: 1]', metavar='FLOAT', type=float)
+@click.option('--class', 'class_idx',     help='Class label  [default: random]', metavar='INT', type=options.Int(min=0), default=None)
+@click.option('--batch', 'batch',         help='Maximum batch size per process', metavar='INT', type=options.BATCH, default=64, show_default=True)
+@click.option('--steps', 'num_steps',     help='Number of sampling steps  [default: 18 or the network\'s spec]', metavar='INT', type=options.Int(min=1))
+@click.option('--sigma_min',              help='Lowest noise level  [default: 0.002, per --disc, or spec]', metavar='FLOAT', type=options.Float(min=0, min_open=True))
+@click.option('--sigma_max',              help='Highest noise level  [default: 80, per --disc, or spec]', metavar='FLOAT', type=options.Float(min=0, min_open=True))
+@click.option('--rho',                    help='Time step exponent  [default: 7 or spec]', metavar='FLOAT', type=options.Float(min=0, min_open=True))
+@click.option('--S_churn', 'S_churn',     help='Stochasticity strength  [default: 0]', metavar='FLOAT', type=options.Float(min=0))
+@click.option('--S_min', 'S_min',         help='Stoch. min noise level  [default: 0]', metavar='FLOAT', type=options.Float(min=0))
+@click.option('--S_max', 'S_max',         help='Stoch. max noise level  [default: inf]', metavar='FLOAT', type=options.Float(min=0))
+@click.option('--S_noise', 'S_noise',     help='Stoch. noise inflation  [default: 1]', metavar='FLOAT', type=options.Float())
 @click.option('--solver',                 help='Ablate ODE solver  [default: heun or spec]', type=click.Choice(['euler', 'heun']))
 @click.option('--disc', 'discretization', help='Ablate time step discretization {t_i}  [default: edm]', type=click.Choice(['vp', 've', 'iddpm', 'edm']))
 @click.option('--schedule',               help='Ablate noise schedule sigma(t)  [default: linear]', type=click.Choice(['vp', 've', 'linear']))
 @click.option('--scaling',                help='Ablate signal scaling s(t)  [default: none]', type=click.Choice(['vp', 'none']))
-@click.option('--device',                 help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
+@click.option('--device',                 help='Device  [default: cuda if available]', type=options.Device())
 @click.option('--trust-pickle',           help='Allow code embedded in the pickle to run (only for files you trust)', is_flag=True)
-@click.option('--guidance',               help='Guidance strength w of a guided-distillation student  [default: 0]', metavar='FLOAT', type=float)
+@click.option('--guidance',               help='Guidance strength w of a guided-distillation student  [default: 0]', metavar='FLOAT', type=options.Float())
 @precision_option
 def main(network_pkl, outdir, seeds, subdirs, class_idx, batch, device, trust_pickle, guidance, precision, **sampler_kwargs):
     """Generate images (seeds -> PNGs) with a network; sampler options override the network's sampling spec."""

@@ -13,8 +13,9 @@ import time
 import click
 
 import dnnlib
-from generate import check_class, inference_precision, init_and_load, parse_int_list, precision_option
+from generate import check_class, inference_precision, init_and_load, precision_option
 from torch_utils import distributed as dist
+from torch_utils import options
 from training import networks, pairs
 
 POLL_S = 10  # how often rank 0 looks for the other ranks' shards at the end
@@ -23,30 +24,25 @@ POLL_S = 10  # how often rank 0 looks for the other ranks' shards at the end
 
 def _parse_seed_range(ctx, param, value):
     """--seeds must be one contiguous range, so that shard k's seeds follow from k."""
-    try:
-        seeds = parse_int_list(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e), ctx=ctx, param=param)
-    if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
-        raise click.BadParameter(f'"{value}" is not one contiguous range; give it as FIRST-LAST, e.g. 0-99999',
-                                 ctx=ctx, param=param)
-    return seeds
+    if value != list(range(value[0], value[0] + len(value))):
+        raise click.BadParameter('not one contiguous range; give it as FIRST-LAST, e.g. 0-99999', ctx=ctx, param=param)
+    return value
 
 
 @click.command()
 @click.option('--teacher', 'teacher_pkl',  help='Teacher network pickle filename or URL', metavar='PKL|URL', type=str, required=True)
 @click.option('--outdir',                  help='Where to save the pair shards', metavar='DIR', type=str, required=True)
-@click.option('--seeds',                   help='Contiguous seed range (e.g. 0-99999)', metavar='RANGE', type=str, required=True, callback=_parse_seed_range)
-@click.option('--shard-size',              help='Seeds per shard (shard k holds seeds k*size...)', metavar='INT', type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option('--batch',                   help='Maximum batch size per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--class', 'class_idx',      help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
-@click.option('--steps', 'num_steps',      help='Number of sampling steps  [default: 18 or the network\'s spec]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--sigma_min',               help='Lowest noise level  [default: 0.002 or spec]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_max',               help='Highest noise level  [default: 80 or spec]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--rho',                     help='Time step exponent  [default: 7 or spec]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--S_churn', 'S_churn',      help='Stochasticity strength; must be 0 (pairs are deterministic)', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--seeds',                   help='Contiguous seed range (e.g. 0-99999)', metavar='RANGE', type=options.IntList(max=options.MAX_SEED), required=True, callback=_parse_seed_range)
+@click.option('--shard-size',              help='Seeds per shard (shard k holds seeds k*size...)', metavar='INT', type=options.Int(min=1), default=1000, show_default=True)
+@click.option('--batch',                   help='Maximum batch size per process', metavar='INT', type=options.BATCH, default=64, show_default=True)
+@click.option('--class', 'class_idx',      help='Class label  [default: random]', metavar='INT', type=options.Int(min=0), default=None)
+@click.option('--steps', 'num_steps',      help='Number of sampling steps  [default: 18 or the network\'s spec]', metavar='INT', type=options.Int(min=1))
+@click.option('--sigma_min',               help='Lowest noise level  [default: 0.002 or spec]', metavar='FLOAT', type=options.Float(min=0, min_open=True))
+@click.option('--sigma_max',               help='Highest noise level  [default: 80 or spec]', metavar='FLOAT', type=options.Float(min=0, min_open=True))
+@click.option('--rho',                     help='Time step exponent  [default: 7 or spec]', metavar='FLOAT', type=options.Float(min=0, min_open=True))
+@click.option('--S_churn', 'S_churn',      help='Stochasticity strength; must be 0 (pairs are deterministic)', metavar='FLOAT', type=options.Float(min=0))
 @click.option('--solver',                  help='Ablate ODE solver  [default: heun or spec]', type=click.Choice(['euler', 'heun']))
-@click.option('--device',                  help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
+@click.option('--device',                  help='Device  [default: cuda if available]', type=options.Device())
 @click.option('--trust-pickle',            help='Allow code embedded in the pickle to run (only for files you trust)', is_flag=True)
 @precision_option
 def main(teacher_pkl, outdir, seeds, shard_size, batch, class_idx, device, trust_pickle, precision, **sampler_kwargs):

@@ -2,11 +2,13 @@
 
     python plot.py --run=training-runs/00003-dmd-...            # writes training-runs/00003-dmd-.../plot.png
     python plot.py --run=training-runs/00003-dmd-... --out=run.png
+    python plot.py --run=... --hline=fid2k:teacher=1.8 --hline=fid2k:floor=1.5   # reference values as dashed lines
 
 Needs matplotlib (`pip install matplotlib`), which nothing else here does.
 """
 
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -61,10 +63,31 @@ def read_run(run_dir):
 # ----------------------------------------------------------------------------
 # Drawing.
 
-def _panel(ax, title, series, log_y=False):
-    """Curves {label: (x, y)}; NaN makes a gap."""
+# Line styles of the reference lines, one per label in the order first given (e.g. teacher dashed, floor dotted).
+_HLINE_STYLES = ['--', ':', '-.']
+
+
+def parse_hline(text):
+    """'NAME:LABEL=VALUE' (e.g. 'fid2k:teacher=1.81') -> (NAME, LABEL, VALUE): a reference value of curve NAME."""
+    name, _, rest = text.partition(':')
+    label, _, value = rest.partition('=')
+    try:
+        value = float(value)
+    except ValueError:
+        value = math.nan
+    if not (name and label and math.isfinite(value)):
+        raise ValueError(f'--hline="{text}" is not NAME:LABEL=VALUE with a finite VALUE, e.g. --hline=fid2k:teacher=1.81')
+    return name, label, value
+
+
+def _panel(ax, title, series, log_y=False, hlines=()):
+    """Curves {label: (x, y)}; NaN makes a gap. hlines: (NAME, LABEL, VALUE, style) drawn in NAME's colour."""
+    colours = {}
     for label, (x, y) in series.items():
-        ax.plot(x, y, marker='.' if len(x) < 30 else None, label=label)
+        colours[label] = ax.plot(x, y, marker='.' if len(x) < 30 else None, label=label)[0].get_color()
+    for name, label, value, style in hlines:
+        if name in colours:
+            ax.axhline(value, color=colours[name], linestyle=style, linewidth=1, label=f'{label} {value:g}')
     ax.set_title(title)
     ax.set_xlabel('kimg')
     ax.grid(alpha=0.3)
@@ -75,8 +98,9 @@ def _panel(ax, title, series, log_y=False):
         ax.legend(fontsize='small')
 
 
-def plot_run(run, out, title=None):
-    """One PNG: the Loss/* means, one panel per metric file, and the seconds per kimg (and maintenance) per tick."""
+def plot_run(run, out, title=None, hlines=()):
+    """One PNG: the Loss/* means, one panel per metric file, and the seconds per kimg (and maintenance) per tick;
+    hlines (parse_hline's triples) are drawn in the panel of their curve, an unknown curve name is a ValueError."""
     import matplotlib
     matplotlib.use('Agg')  # files only, no display
     import matplotlib.pyplot as plt
@@ -85,11 +109,17 @@ def plot_run(run, out, title=None):
     panels = [('losses', losses, True)]
     panels += [(name, {k: (m['kimg'], v) for k, v in m.items() if k != 'kimg'}) for name, m in run['metrics'].items()]
     panels += [('timing (seconds)', timing)]
+    names = sorted({name for panel in panels for name in panel[1]})
+    unknown = [name for name, _, _ in hlines if name not in names]
+    if unknown:
+        raise ValueError(f'--hline names "{unknown[0]}", which this run does not plot; its curves are {", ".join(names)}')
+    labels = list(dict.fromkeys(label for _, label, _ in hlines))
+    styled = [(name, label, value, _HLINE_STYLES[labels.index(label) % len(_HLINE_STYLES)]) for name, label, value in hlines]
     cols = min(len(panels), 3)
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, panel in zip(axes.flat, panels):
-        _panel(ax, *panel)
+    for ax, (panel_title, series, *log_y) in zip(axes.flat, panels):
+        _panel(ax, panel_title, series, *log_y, hlines=[h for h in styled if h[0] in series])
     for ax in axes.flat[len(panels):]:
         ax.axis('off')
     if title:
@@ -103,15 +133,15 @@ def plot_run(run, out, title=None):
 @click.command()
 @click.option('--run', 'run_dir', help='Run directory (train.py)', metavar='DIR', type=str, required=True)
 @click.option('--out', help='PNG to write  [default: DIR/plot.png]', metavar='PNG', type=str)
-def main(run_dir, out):
+@click.option('--hline', 'hlines', help='A reference value of a curve as a horizontal line (repeatable), e.g. fid2k:teacher=1.81', metavar='NAME:LABEL=VALUE', multiple=True)
+def main(run_dir, out, hlines):
     """Plot a run's loss curves, metric curves and timing as one PNG."""
-    try:
-        import matplotlib  # noqa: F401 (optional dependency)
-    except ImportError:
-        raise click.ClickException('plot.py needs matplotlib: pip install matplotlib') from None
+    if importlib.util.find_spec('matplotlib') is None:  # an optional dependency: say so before reading anything
+        raise click.ClickException('plot.py needs matplotlib: pip install matplotlib')
     out = out or os.path.join(run_dir, 'plot.png')
     try:
-        plot_run(read_run(run_dir), out, title=os.path.basename(os.path.normpath(run_dir)))
+        hlines = [parse_hline(text) for text in hlines]
+        plot_run(read_run(run_dir), out, title=os.path.basename(os.path.normpath(run_dir)), hlines=hlines)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
     except OSError as e:  # unreadable run files, an unwritable --out

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import dnnlib
+from torch_utils import options
 from training import toy
 
 # ----------------------------------------------------------------------------
@@ -181,18 +182,18 @@ def cli():
 
 @cli.command('build')
 @click.option('--outdir',        help='Where to write the problem', metavar='DIR', type=str, required=True)
-@click.option('--resolution',    help='Image resolution', metavar='INT', type=click.IntRange(min=2), default=16, show_default=True)
+@click.option('--resolution',    help='Image resolution (the exact covariance is (3R^2)^2 float64s: 1.2 GB at 64)', metavar='INT', type=options.Int(min=2, max=64), default=16, show_default=True)
 @click.option('--channels',      help='Colour channels', type=click.Choice(['1', '3']), default='3', show_default=True)
-@click.option('--K', 'K',        help='Number of components (= classes)', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
-@click.option('--seed',          help='Seed of the problem, dataset and fit', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
-@click.option('--num-images',    help='Exact samples in dataset.zip', metavar='INT', type=click.IntRange(min=1), default=50000, show_default=True)
-@click.option('--fit-kimg',      help='Fitting duration in thousands of images, 0 = no UNet teacher', metavar='KIMG', type=click.FloatRange(min=0), default=100, show_default=True)
-@click.option('--fit-batch',     help='Fitting batch size', metavar='INT', type=click.IntRange(min=1), default=128, show_default=True)
-@click.option('--fit-lr',        help='Adam learning rate (cosine decay)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True)
-@click.option('--fit-p-uncond',  help='Share of all-zero labels (unconditional targets)', metavar='P', type=click.FloatRange(0, 1), default=0.1, show_default=True)
-@click.option('--fit-channels',  help='SongUNet model_channels', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--K', 'K',        help='Number of components (= classes)', metavar='INT', type=options.Int(min=1), default=10, show_default=True)
+@click.option('--seed',          help='Seed of the problem, dataset and fit', metavar='INT', type=options.SEED, default=0, show_default=True)
+@click.option('--num-images',    help='Exact samples in dataset.zip', metavar='INT', type=options.Int(min=1), default=50000, show_default=True)
+@click.option('--fit-kimg',      help='Fitting duration in thousands of images, 0 = no UNet teacher', metavar='KIMG', type=options.Float(min=0), default=100, show_default=True)
+@click.option('--fit-batch',     help='Fitting batch size', metavar='INT', type=options.BATCH, default=128, show_default=True)
+@click.option('--fit-lr',        help='Adam learning rate (cosine decay)', metavar='FLOAT', type=options.Float(min=0, min_open=True), default=2e-3, show_default=True)
+@click.option('--fit-p-uncond',  help='Share of all-zero labels (unconditional targets)', metavar='P', type=options.Float(0, 1), default=0.1, show_default=True)
+@click.option('--fit-channels',  help='SongUNet model_channels', metavar='INT', type=options.Int(min=1), default=32, show_default=True)
 @click.option('--fit-mult',      help='SongUNet channel_mult', metavar='LIST', type=str, default='1,2', show_default=True)
-@click.option('--fit-blocks',    help='SongUNet num_blocks', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--fit-blocks',    help='SongUNet num_blocks', metavar='INT', type=options.Int(min=1), default=1, show_default=True)
 def build_cmd(outdir, resolution, channels, K, seed, num_images, fit_kimg, fit_batch, fit_lr, fit_p_uncond,
               fit_channels, fit_mult, fit_blocks):
     """Build a problem: dataset.zip, teacher-exact.pkl, teacher-unet.pkl, reference.npz, problem.json."""
@@ -225,8 +226,8 @@ def build_cmd(outdir, resolution, channels, K, seed, num_images, fit_kimg, fit_b
 @click.option('--images',       help='Folder or zip of generated images', metavar='DIR|ZIP', type=str)
 @click.option('--network',      help='Or: sample this network pickle (Heun, or its sampling spec)', metavar='PKL', type=str)
 @click.option('--labels',       help='How classes were (are) drawn: uniform (generate.py), weights, none (uncond)', type=click.Choice(['uniform', 'weights', 'none']), default='uniform', show_default=True)
-@click.option('--num',          help='Number of images  [default: all / 10000 for --network]', metavar='INT', type=click.IntRange(min=2))
-@click.option('--steps', 'num_steps', help='Sampler steps for --network  [default: 18 or spec]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--num',          help='Number of images  [default: all / 10000 for --network]', metavar='INT', type=options.Int(min=2))
+@click.option('--steps', 'num_steps', help='Sampler steps for --network  [default: 18 or spec]', metavar='INT', type=options.Int(min=1))
 @click.option('--trust-pickle', help='Allow code embedded in the pickle to run', is_flag=True)
 @click.option('--out',          help='Also write the results as JSON', metavar='JSON', type=str)
 def metrics_cmd(problem, images, network, labels, num, num_steps, trust_pickle, out):

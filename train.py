@@ -18,25 +18,13 @@ import torch
 
 import dnnlib
 from torch_utils import distributed
+from torch_utils import options
 from training import run_dir, training_loop
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
 
 # ----------------------------------------------------------------------------
 # Helpers for the option parser.
-
-def parse_int_list(s):
-    """'1,2,3' or '1-3' -> [1, 2, 3]; None stays None."""
-    if s is None or isinstance(s, list):
-        return s
-    out = []
-    for part in s.split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
-        if m is None:
-            raise click.BadParameter(f'"{s}" is not a list of integers like 1,2,3 or 1-3')
-        out += list(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
-    return out
-
 
 def next_run_dir(outdir, desc):
     """outdir/{id:05d}-{desc} with id one past the largest existing one."""
@@ -92,7 +80,7 @@ def setup_edm(opts, c, ds):
         raise click.BadParameter(f'--arch must be ddpmpp, ncsnpp or adm, not "{opts.arch}"')
     if opts.grad_clip is not None:
         raise click.ClickException('--method=edm does not clip gradients (as EDM); drop --grad-clip')
-    net = dnnlib.EasyDict(model_channels=opts.cbase, channel_mult=parse_int_list(opts.cres), dropout=opts.dropout,
+    net = dnnlib.EasyDict(model_channels=opts.cbase, channel_mult=opts.cres, dropout=opts.dropout,
                           use_fp16=opts.precision == 'fp16')  # stored as EDM does, for EDM tools that sample it
     if opts.arch == 'ddpmpp':
         net.update(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
@@ -416,66 +404,66 @@ METHODS = {'edm': setup_edm, 'dmd': setup_dmd, 'kd': setup_kd, 'pd': setup_pd, '
 # EDM (teacher) architecture.
 @click.option('--arch',          help='Network architecture', type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp')
 @click.option('--precond',       help='Preconditioning & loss function', type=click.Choice(['vp', 've', 'edm']), default='edm')
-@click.option('--cbase',         help='Channel multiplier  [default: varies]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--cres',          help='Channels per resolution  [default: varies]', metavar='LIST', type=str)
-@click.option('--dropout',       help='Dropout probability (SiD: of G and the fake score; the teacher\'s unless given)', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.13)
-@click.option('--augment',       help='Augment probability (SiD: fake-score loss; 0.12 if the teacher takes augment labels, unless given)', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.12)
+@click.option('--cbase',         help='Channel multiplier  [default: varies]', metavar='INT', type=options.Int(min=1))
+@click.option('--cres',          help='Channels per resolution  [default: varies]', metavar='LIST', type=options.IntList(min=1, max_len=16))
+@click.option('--dropout',       help='Dropout probability (SiD: of G and the fake score; the teacher\'s unless given)', metavar='FLOAT', type=options.Float(min=0, max=1), default=0.13)
+@click.option('--augment',       help='Augment probability (SiD: fake-score loss; 0.12 if the teacher takes augment labels, unless given)', metavar='FLOAT', type=options.Float(min=0, max=1), default=0.12)
 @click.option('--xflip',         help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False)
 @click.option('--transfer',      help='Initialise the network from a pickle', metavar='PKL|URL', type=str)
 # DMD / DMD2.
-@click.option('--sigma-init',    help='DMD: generator input noise level (SiD: 2.5 unless given)', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=80)
-@click.option('--fake-steps',    help='DMD2: fake-score updates per generator update', metavar='INT', type=click.IntRange(min=1), default=1)
+@click.option('--sigma-init',    help='DMD: generator input noise level (SiD: 2.5 unless given)', metavar='FLOAT', type=options.Float(min=0, min_open=True), default=80)
+@click.option('--fake-steps',    help='DMD2: fake-score updates per generator update', metavar='INT', type=options.Int(min=1), default=1)
 @click.option('--fake-sigma',    help='DMD: fake-score noise levels, Karras grid (DMD) or EDM\'s log-normal (SiD unless given)', type=click.Choice(['karras', 'lognormal']), default='karras')
-@click.option('--fake-lr',       help='DMD: fake-score learning rate  [default: --lr]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--fake-lr',       help='DMD: fake-score learning rate  [default: --lr]', metavar='FLOAT', type=options.Float(min=0, min_open=True))
 @click.option('--pairs',         help='DMD: regression pairs directory (make_pairs.py)', metavar='DIR', type=str)
-@click.option('--reg-weight',    help='DMD: regression loss weight', metavar='FLOAT', type=click.FloatRange(min=0), default=0.25)
+@click.option('--reg-weight',    help='DMD: regression loss weight', metavar='FLOAT', type=options.Float(min=0), default=0.25)
 @click.option('--reg-loss',      help='DMD: regression distance', type=click.Choice(['lpips', 'l2', 'pseudo_huber']), default='lpips')
 @click.option('--lpips-vgg',     help='DMD: VGG16 weights for LPIPS  [default: official URL]', metavar='PTH|URL', type=str)
 @click.option('--lpips-lin',     help='DMD: LPIPS linear heads (vgg.pth)  [default: official URL]', metavar='PTH|URL', type=str)
-@click.option('--gan-g',         help='DMD2: GAN generator loss weight (0 = no GAN head; paper 3e-3); SiD: SiDA\'s (official 0.01)', metavar='FLOAT', type=click.FloatRange(min=0), default=0)
-@click.option('--gan-d',         help='DMD2: GAN classifier loss weight (SiDA: 1 unless given)', metavar='FLOAT', type=click.FloatRange(min=0), default=1e-2)
-@click.option('--grad-clip',     help='Gradient clipping at this global norm  [default: dmd 10, pd 1, kd/guided/sid none]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--gan-g',         help='DMD2: GAN generator loss weight (0 = no GAN head; paper 3e-3); SiD: SiDA\'s (official 0.01)', metavar='FLOAT', type=options.Float(min=0), default=0)
+@click.option('--gan-d',         help='DMD2: GAN classifier loss weight (SiDA: 1 unless given)', metavar='FLOAT', type=options.Float(min=0), default=1e-2)
+@click.option('--grad-clip',     help='Gradient clipping at this global norm  [default: dmd 10, pd 1, kd/guided/sid none]', metavar='FLOAT', type=options.Float(min=0, min_open=True))
 # KD (compression by knowledge distillation, BK-SDM).
 @click.option('--kd-variant',    help='KD: student (base: fewer blocks; small: also no in0/in1; tiny: also no lowest level)', type=click.Choice(['base', 'small', 'tiny']), default='base')
-@click.option('--num-blocks',    help='KD: residual blocks per level  [default: half the teacher\'s, rounded up]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--kd-out',        help='KD: weight of the output distillation loss', metavar='FLOAT', type=click.FloatRange(min=0), default=1)
-@click.option('--kd-feat',       help='KD: weight of the feature distillation loss', metavar='FLOAT', type=click.FloatRange(min=0), default=1)
+@click.option('--num-blocks',    help='KD: residual blocks per level  [default: half the teacher\'s, rounded up]', metavar='INT', type=options.Int(min=1))
+@click.option('--kd-out',        help='KD: weight of the output distillation loss', metavar='FLOAT', type=options.Float(min=0), default=1)
+@click.option('--kd-feat',       help='KD: weight of the feature distillation loss', metavar='FLOAT', type=options.Float(min=0), default=1)
 @click.option('--kd-feat-norm',  help='KD: divide feature losses by the teacher feature variance', metavar='BOOL', type=bool, default=False)
 # PD (progressive distillation) and guided distillation.
-@click.option('--start-steps',   help='PD: Euler steps of the first teacher (halved each round; official: CIFAR-10 8192, ImageNet-64 1024)', metavar='INT', type=click.IntRange(min=2), default=1024)
-@click.option('--end-steps',     help='PD: steps of the last student', metavar='INT', type=click.IntRange(min=1), default=1)
-@click.option('--round-kimg',    help='PD: length of a halving round  [default: 50k updates]', metavar='KIMG', type=click.FloatRange(min=0, min_open=True))
-@click.option('--final-round-kimg', help='PD: length of the rounds to 2 and 1 steps  [default: --round-kimg]', metavar='KIMG', type=click.FloatRange(min=0, min_open=True))
+@click.option('--start-steps',   help='PD: Euler steps of the first teacher (halved each round; official: CIFAR-10 8192, ImageNet-64 1024)', metavar='INT', type=options.Int(min=2), default=1024)
+@click.option('--end-steps',     help='PD: steps of the last student', metavar='INT', type=options.Int(min=1), default=1)
+@click.option('--round-kimg',    help='PD: length of a halving round  [default: 50k updates]', metavar='KIMG', type=options.Float(min=0, min_open=True))
+@click.option('--final-round-kimg', help='PD: length of the rounds to 2 and 1 steps  [default: --round-kimg]', metavar='KIMG', type=options.Float(min=0, min_open=True))
 @click.option('--pd-weight',     help='PD: loss weight, max(1/s^2, 1) (official) or EDM\'s 1/s^2 + 1/sd^2', type=click.Choice(['snr-trunc', 'edm']), default='snr-trunc')
 @click.option('--ema-teacher',   help='PD: the EMA (--ema) becomes the next teacher', metavar='BOOL', type=bool, default=False)
 @click.option('--w-range',       help='Guided: w ~ U[MIN,MAX]  [default: 0,4]; PD: carry w of a guided teacher', metavar='MIN,MAX', type=str)
 @click.option('--guide',         help='Guided: D_u, an uncond./weaker network, or null (the teacher\'s zero label; needs label dropout)', metavar='PKL|URL|null', type=str, default='null')
 # DisBack (on top of the DMD options).
 @click.option('--path',          help='DisBack: recorded path (a stage-1 run directory): skip stage 1', metavar='DIR', type=str)
-@click.option('--stage1-kimg',   help='DisBack: stage 1 (path recording) duration, part of --duration', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=200)
-@click.option('--path-nodes',    help='DisBack: N, the path has N+1 snapshots', metavar='INT', type=click.IntRange(min=1), default=4)
+@click.option('--stage1-kimg',   help='DisBack: stage 1 (path recording) duration, part of --duration', metavar='KIMG', type=options.Float(min=0, min_open=True), default=200)
+@click.option('--path-nodes',    help='DisBack: N, the path has N+1 snapshots', metavar='INT', type=options.Int(min=1), default=4)
 @click.option('--path-place',    help='DisBack: nodes evenly or geometrically in stage-1 updates, evenly in distance from the teacher, or the official schedule (a node every 100 updates at the G lr, the target moving every 1000 fake updates)', type=click.Choice(['even', 'geometric', 'distance', 'official']), default='distance')
-@click.option('--stage1-lr',     help='DisBack: stage-1 learning rate  [default: fake-score lr / 10]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--stage1-lr',     help='DisBack: stage-1 learning rate  [default: fake-score lr / 10]', metavar='FLOAT', type=options.Float(min=0, min_open=True))
 @click.option('--stage1-stop',   help='DisBack: stage 1 lasts --stage1-kimg, or until its probe loss plateaus (at most --stage1-kimg)', type=click.Choice(['fixed', 'plateau']), default='fixed')
-@click.option('--stage1-window', help='DisBack: stage-1 updates between probe checks (the plateau test\'s window)', metavar='INT', type=click.IntRange(min=1), default=50)
-@click.option('--stage1-tol',    help='DisBack: --stage1-stop=plateau ends when the probe loss fell by less than this over a window', metavar='FRAC', type=click.FloatRange(0, 1), default=0.01)
-@click.option('--switch-every',  help='DisBack: generator steps per path node (window of --switch=converged)', metavar='INT', type=click.IntRange(min=1), default=1000)
+@click.option('--stage1-window', help='DisBack: stage-1 updates between probe checks (the plateau test\'s window)', metavar='INT', type=options.Int(min=1), default=50)
+@click.option('--stage1-tol',    help='DisBack: --stage1-stop=plateau ends when the probe loss fell by less than this over a window', metavar='FRAC', type=options.Float(0, 1), default=0.01)
+@click.option('--switch-every',  help='DisBack: generator steps per path node (window of --switch=converged)', metavar='INT', type=options.Int(min=1), default=1000)
 @click.option('--switch',        help='DisBack: move the target every K generator steps, or when L_DM stops falling', type=click.Choice(['every', 'converged']), default='every')
-@click.option('--switch-tol',    help='DisBack: --switch=converged moves on when a window\'s L_DM fell by less than this', metavar='FRAC', type=click.FloatRange(0, 1), default=0.05)
+@click.option('--switch-tol',    help='DisBack: --switch=converged moves on when a window\'s L_DM fell by less than this', metavar='FRAC', type=options.Float(0, 1), default=0.05)
 # SiD (with the DMD options --sigma-init, --fake-lr, --fake-sigma, --gan-g, --gan-d, --grad-clip).
-@click.option('--alpha',         help='SiD: loss weight, (y_r-y_f).(y_r-x) - alpha*|y_r-y_f|^2', metavar='FLOAT', type=float, default=1.2)
-@click.option('--t-max',         help='SiD: generator-loss noise levels t ~ U[0, t_max/1000] on the Karras map', metavar='INT', type=click.IntRange(1, 1000), default=800)
-@click.option('--g-beta1',       help='SiD: generator Adam beta1 (the fake score\'s is 0)', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0)
+@click.option('--alpha',         help='SiD: loss weight, (y_r-y_f).(y_r-x) - alpha*|y_r-y_f|^2', metavar='FLOAT', type=options.Float(), default=1.2)
+@click.option('--t-max',         help='SiD: generator-loss noise levels t ~ U[0, t_max/1000] on the Karras map', metavar='INT', type=options.Int(1, 1000), default=800)
+@click.option('--g-beta1',       help='SiD: generator Adam beta1 (the fake score\'s is 0)', metavar='FLOAT', type=options.Float(0, 1, max_open=True), default=0)
 # Hyperparameters.
-@click.option('--duration',      help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200)
-@click.option('--batch',         help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512)
-@click.option('--batch-gpu',     help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
-@click.option('--lr',            help='Learning rate  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--lr-rampup',     help='Learning-rate warm-up  [default: edm 10000, else 0; pd: none]', metavar='KIMG', type=click.FloatRange(min=0))
-@click.option('--ema',           help='EMA half-life  [default: varies]', metavar='MIMG', type=click.FloatRange(min=0))
+@click.option('--duration',      help='Training duration', metavar='MIMG', type=options.Float(min=0, min_open=True), default=200)
+@click.option('--batch',         help='Total batch size', metavar='INT', type=options.BATCH, default=512)
+@click.option('--batch-gpu',     help='Limit batch size per GPU', metavar='INT', type=options.BATCH)
+@click.option('--lr',            help='Learning rate  [default: varies]', metavar='FLOAT', type=options.Float(min=0, min_open=True))
+@click.option('--lr-rampup',     help='Learning-rate warm-up  [default: edm 10000, else 0; pd: none]', metavar='KIMG', type=options.Float(min=0))
+@click.option('--ema',           help='EMA half-life  [default: varies]', metavar='MIMG', type=options.Float(min=0))
 @click.option('--precision',     help='Precision of every network  [default: bf16 on CUDA for distillation (SiD: fp32 to 32x32, fp16 from 64x64), else fp32]', type=click.Choice(['fp32', 'bf16', 'fp16']))
 @click.option('--fp16',          help='EDM\'s flag: the same as --precision=fp16', metavar='BOOL', type=bool, default=False)
-@click.option('--ls',            help='Static fp16 loss scale, as EDM  [default: dynamic]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--ls',            help='Static fp16 loss scale, as EDM  [default: dynamic]', metavar='FLOAT', type=options.Float(min=0, min_open=True))
 @click.option('--tf32',          help='Allow TF32 matmuls/convolutions on CUDA', metavar='BOOL', type=bool, default=False)
 # In-training metrics.
 @click.option('--metrics',       help='Metrics at each snapshot: fidNk, isNk (Inception Score), prNk (precision/recall), e.g. fid50k,is50k,pr50k', metavar='LIST', type=str)
@@ -487,14 +475,14 @@ METHODS = {'edm': setup_edm, 'dmd': setup_dmd, 'kd': setup_kd, 'pd': setup_pd, '
 @click.option('--bench',         help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True)
 @click.option('--deterministic', help='Deterministic CUDA kernels (--bench=0): bitwise resume on GPUs too', is_flag=True)
 @click.option('--cache',         help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True)
-@click.option('--workers',       help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=1)
-@click.option('--device',        help='Device  [default: cuda if available]', type=click.Choice(['cpu', 'cuda']))
+@click.option('--workers',       help='DataLoader worker processes', metavar='INT', type=options.Int(min=0), default=1)
+@click.option('--device',        help='Device  [default: cuda if available]', type=options.Device())
 @click.option('--desc',          help='String to include in result dir name', metavar='STR', type=str)
 @click.option('--nosubdir',      help='Do not create a subdirectory for results', is_flag=True)
-@click.option('--tick',          help='How often to print progress', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=50)
-@click.option('--snap',          help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50)
-@click.option('--dump',          help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500)
-@click.option('--seed',          help='Random seed  [default: random]', metavar='INT', type=click.IntRange(min=0))
+@click.option('--tick',          help='How often to print progress', metavar='KIMG', type=options.Float(min=0, min_open=True), default=50)
+@click.option('--snap',          help='How often to save snapshots', metavar='TICKS', type=options.Int(min=1), default=50)
+@click.option('--dump',          help='How often to dump state', metavar='TICKS', type=options.Int(min=1), default=500)
+@click.option('--seed',          help='Random seed  [default: random]', metavar='INT', type=options.SEED)
 @click.option('--resume',        help='Resume from a training state or a run directory (continues in that directory; pass the run\'s options)', metavar='PT|DIR', type=str)
 @click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
 def main(**kwargs):

@@ -48,7 +48,7 @@ def golden_arrays(name):
     return {key[len(prefix):]: value.copy() for key, value in _golden_npz().items() if key.startswith(prefix)}
 
 
-# Fill all parameters by EDM_GOLDEN.md's rule: sorted names, one float64 stream, fan-in scaling.
+# Fill all parameters by tests/fixtures/README.md's weight rule: sorted names, one float64 stream, fan-in scaling.
 @torch.no_grad()
 def fill_golden_weights(net, weight_seed):
     g = torch.Generator().manual_seed(weight_seed)

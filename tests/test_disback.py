@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import train
-from test_dmd import GaussianDenoiser, teacher_pkl  # noqa: F401 (teacher_pkl: the tiny-teacher fixture)
+from test_dmd import GaussianDenoiser
 from torch_utils import misc, persistence
 from training import training_loop as loop_module
 from training.batching import Round, StepRandom

@@ -5,31 +5,8 @@ import requests
 import torch
 import torch.nn.functional as F
 
+from conftest import _VGG_CFG
 from training import distances
-
-# VGG16 `features` as torchvision lays it out: numbers are conv widths, 'M' a 2x2 max-pool (indices count both
-# the conv and its ReLU, so conv i is followed by ReLU i+1).
-_VGG_CFG = [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512]
-
-
-@pytest.fixture(scope='module')
-def weight_files(tmp_path_factory):
-    """Random VGG16 and LPIPS-head weights saved in the official files' key layouts."""
-    root = tmp_path_factory.mktemp('lpips_weights')
-    g = torch.Generator().manual_seed(0)
-    vgg, index, c_in = {}, 0, 3
-    for v in _VGG_CFG:
-        if v == 'M':
-            index += 1
-            continue
-        vgg[f'features.{index}.weight'] = torch.randn([v, c_in, 3, 3], generator=g) * (2 / (9 * c_in)) ** 0.5
-        vgg[f'features.{index}.bias'] = torch.randn([v], generator=g) * 0.1
-        index, c_in = index + 2, v
-    vgg['classifier.0.weight'] = torch.randn([10, 4], generator=g)  # torchvision's file has the classifier too
-    lin = {f'lin{k}.model.1.weight': torch.rand([1, c, 1, 1], generator=g) for k, c in enumerate([64, 128, 256, 512, 512])}
-    torch.save(vgg, root / 'vgg16.pth')
-    torch.save(lin, root / 'vgg.pth')
-    return dict(vgg=vgg, lin=lin, vgg_path=str(root / 'vgg16.pth'), lin_path=str(root / 'vgg.pth'))
 
 
 def reference_lpips(x, y, vgg, lin):

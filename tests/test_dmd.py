@@ -2,8 +2,6 @@
 
 import json
 import math
-import os
-import pickle
 
 import numpy as np
 import PIL.Image
@@ -15,8 +13,8 @@ from click.testing import CliRunner
 import generate
 import make_pairs
 import train
+from conftest import TINY_TEACHER
 from dataset_tool import save_dataset
-from test_distances import weight_files  # noqa: F401 (a fixture: LPIPS weight files)
 from torch_utils import persistence
 from training import training_loop as loop_module
 from training.batching import IndexStream, Round, StepRandom
@@ -126,18 +124,7 @@ def test_two_time_scale_updates_generator_every_k_steps():
 # ----------------------------------------------------------------------------
 # Through the loop and the CLI with a tiny EDM teacher.
 
-TINY = dict(img_resolution=8, img_channels=3, label_dim=4, model_type='SongUNet', model_channels=16, channel_mult=[1],
-            num_blocks=1, attn_resolutions=[], dropout=0.0)
-
-
-@pytest.fixture(scope='module')
-def teacher_pkl(tmp_path_factory):
-    from training.networks import EDMPrecond
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp('teacher') / 'teacher.pkl'
-    with open(path, 'wb') as f:
-        pickle.dump(dict(ema=EDMPrecond(**TINY)), f)
-    return path
+TINY = TINY_TEACHER
 
 
 DMD_ARGS = ['--method=dmd', '--batch=8', '--tick=0.008', '--snap=1', '--dump=1', '--seed=1', '--device=cpu',
@@ -305,7 +292,7 @@ def pairs_dir(teacher_pkl, tmp_path_factory):
     return out
 
 
-def test_lpips_regression_upsamples_to_224_by_default(teacher_pkl, pairs_dir, weight_files):  # noqa: F811
+def test_lpips_regression_upsamples_to_224_by_default(teacher_pkl, pairs_dir, weight_files):
     """DMD's LPIPS at 224 is the method's own default (also from Python); an explicit resolution wins."""
     with open(teacher_pkl, 'rb') as f:
         teacher = persistence.load(f)['ema']

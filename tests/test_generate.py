@@ -45,16 +45,6 @@ def run_cli(*args):
 # ----------------------------------------------------------------------------
 # Seeds.
 
-def test_parse_int_list():
-    assert generate.parse_int_list('0-3,7') == [0, 1, 2, 3, 7]
-    assert generate.parse_int_list('5') == [5]
-    assert generate.parse_int_list('10-10, 2') == [10, 2]
-    for bad, hint in [('', 'malformed'), ('1,,2', 'malformed'), ('a', 'malformed'), ('-1', 'malformed'),
-                      ('1-2-3', 'malformed'), ('1.5', 'malformed'), ('3-1', 'smaller bound first')]:
-        with pytest.raises(ValueError, match=hint):
-            generate.parse_int_list(bad)
-
-
 def test_cli_malformed_seeds_is_a_usage_error(tmp_path):
     result = run_cli('--network', tmp_path / 'net.pkl', '--outdir', tmp_path / 'out', '--seeds', '0-x')
     assert result.exit_code == 2
@@ -91,7 +81,9 @@ def test_bad_device_and_steps_fail_before_writing(tmp_path, monkeypatch):
     assert result.exit_code == 1 and 'num_steps >= 2' in result.output and not (tmp_path / 'out').exists()
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     result = run_cli('--network', pkl, '--outdir', tmp_path / 'out', '--device', 'cuda')
-    assert result.exit_code == 1 and 'CUDA is not available; use --device=cpu' in result.output
+    assert result.exit_code == 2 and result.output.splitlines()[-1] == (
+        "Error: Invalid value for '--device': CUDA is not available to this PyTorch (a CPU-only build, or no GPU); "
+        "use --device=cpu") and not (tmp_path / 'out').exists()
 
 
 def test_spec_conflicting_flag_is_an_error(tmp_path):

@@ -17,7 +17,7 @@ import dnnlib
 import fid
 import generate
 import train
-from test_dmd import DMD_ARGS, teacher_pkl  # noqa: F401 (a fixture: a tiny conditional 8x8 teacher)
+from test_dmd import DMD_ARGS
 from test_fid import assert_one_line_error, go_offline, random_images, write_images
 from training import metrics
 from training.dataset import ImageFolderDataset

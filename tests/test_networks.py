@@ -37,7 +37,7 @@ def test_golden_networks_are_the_five_listed():
     assert golden_config()['sampler']['network'] == 'edm_songunet_ddpmpp_32'
 
 # ----------------------------------------------------------------------------
-# State-dict layout: exact keys, order and shapes of the networks listed in EDM_STATE_DICT_KEYS.md.
+# State-dict layout: exact keys, order and shapes of the networks listed in tests/fixtures/EDM_STATE_DICT_KEYS.md.
 
 # [(constructor call text, tensor count, parameter count, [(key, shape)])] parsed from the markdown.
 def _parse_keys_doc():
@@ -102,7 +102,7 @@ def test_official_parameter_count(config):
     assert sum(p.numel() for p in net.parameters()) == count
 
 # ----------------------------------------------------------------------------
-# Preconditioning: c_skip, c_out, c_in, c_noise against the table of EDM_COMPAT.md, through a recording backbone.
+# Preconditioning: c_skip, c_out, c_in, c_noise against EDM's Table 1 (Karras et al. 2022), through a recording backbone.
 
 class RecordingBackbone(torch.nn.Module):
     """Returns a fixed F and records what the preconditioner passed in."""

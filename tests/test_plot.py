@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import plot
 import train
-from test_dmd import DMD_ARGS, teacher_pkl  # noqa: F401 (a fixture: a tiny conditional 8x8 teacher)
+from test_dmd import DMD_ARGS
 
 
 def stat(mean):
@@ -87,6 +87,41 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'matplotlib', None)  # as if not installed
     r = CliRunner().invoke(plot.main, [f'--run={write_run(tmp_path / "run")}'])
     assert r.exit_code == 1 and r.output == 'Error: plot.py needs matplotlib: pip install matplotlib\n'
+
+def test_hlines_are_drawn_in_their_curves_panel_and_colour(tmp_path, monkeypatch):
+    import matplotlib.axes
+    drawn, axhline = [], matplotlib.axes.Axes.axhline
+    def record(ax, y, **kwargs):
+        drawn.append((ax, y, kwargs))
+        return axhline(ax, y, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, 'axhline', record)
+    run_dir = write_run(tmp_path / 'run')
+    r = CliRunner().invoke(plot.main, [f'--run={run_dir}', '--hline=fid1k:teacher=25', '--hline=pr1k_recall:teacher=0.5',
+                                       '--hline=fid1k:floor=12.5', '--hline=G_dm:floor=1e-1'])
+    assert r.exit_code == 0, r.output
+    got = [(ax.get_title(), y, kwargs['linestyle'], kwargs['label']) for ax, y, kwargs in drawn]
+    # Each in the panel of its curve; one line style per label, in the order the labels were first given.
+    assert got == [('losses', 0.1, ':', 'floor 0.1'), ('fid1k', 25.0, '--', 'teacher 25'),
+                   ('fid1k', 12.5, ':', 'floor 12.5'), ('pr1k', 0.5, '--', 'teacher 0.5')]
+    for ax, _, kwargs in drawn:  # in the colour of the curve it refers to
+        curve = {line.get_label(): line.get_color() for line in ax.get_lines()}
+        name = {'fid1k': 'fid1k', 'pr1k': 'pr1k_recall', 'losses': 'G_dm'}[ax.get_title()]
+        assert kwargs['color'] == curve[name]
+
+
+@pytest.mark.parametrize('hline, message', [
+    ('fid1k=25', '--hline="fid1k=25" is not NAME:LABEL=VALUE with a finite VALUE, e.g. --hline=fid2k:teacher=1.81'),
+    ('fid1k:teacher=nan', '--hline="fid1k:teacher=nan" is not NAME:LABEL=VALUE with a finite VALUE, e.g. --hline=fid2k:teacher=1.81'),
+    ('fid1k:teacher=x', '--hline="fid1k:teacher=x" is not NAME:LABEL=VALUE with a finite VALUE, e.g. --hline=fid2k:teacher=1.81'),
+    ('fid50k:teacher=2', '--hline names "fid50k", which this run does not plot; its curves are G_dm, G_reg, fake, fid1k, '
+                         'maintenance_sec, pr1k_precision, pr1k_recall, sec_per_kimg'),
+])
+def test_hline_errors_are_one_line(tmp_path, hline, message):
+    run_dir = write_run(tmp_path / 'run')
+    r = CliRunner().invoke(plot.main, [f'--run={run_dir}', f'--hline={hline}'])
+    assert r.exit_code == 1 and r.output == f'Error: {message}\n'
+    assert not (run_dir / 'plot.png').exists()
+
 
 # ----------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import generate
 import make_pairs
 import toy
 import train
-from test_dmd import DMD_ARGS, teacher_pkl  # noqa: F401 (a fixture: a tiny conditional 8x8 teacher)
+from test_dmd import DMD_ARGS
 from test_fid import random_images, write_images
 from test_generate import tiny_net, write_pkl
 from torch_utils import training_stats

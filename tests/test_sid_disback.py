@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import train
 from test_disback import MU, T_DATA, loaded, one_step, path_checksums, path_files, write_path
-from test_dmd import GaussianDenoiser, generator_moments, teacher_pkl  # noqa: F401 (teacher_pkl: the tiny-teacher fixture)
+from test_dmd import GaussianDenoiser, generator_moments
 from test_sid import expected_gradient
 from torch_utils import misc
 from training import training_loop as loop_module

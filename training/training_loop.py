@@ -1,7 +1,7 @@
 """The generic training loop: data, ticks, statistics, snapshots, training states, exact resume, graceful stop.
 
 Everything method-specific (networks, losses, optimizers, EMA) lives in the method object, constructed from
-`method_kwargs` by dotted class name; see DESIGN.md for the contract (step / networks / snapshot / sample /
+`method_kwargs` by dotted class name; see docs/DESIGN.md for the contract (step / networks / snapshot / sample /
 state_dict / load_state_dict).
 """
 

@@ -18,7 +18,7 @@ Loss reduction: Meng et al. released no code; the loss is reduced as in progress
 thresholds mean what they mean there.
 
 Stage two is `--method=pd` on a stage-one snapshot with w carried through (--w-range). Sample any w with
-`generate.py --guidance=w`. See METHODS.md section 5.
+`generate.py --guidance=w`.
 """
 
 import copy

@@ -1,7 +1,8 @@
 """Compression by knowledge distillation (BK-SDM, Kim et al. 2023; segmind distill-sd) of EDM's UNets.
 
 A student is the teacher's own network class with blocks removed, its weights copied from the teacher, then trained
-with L = L_task + lambda_out * L_outKD + lambda_feat * L_featKD (METHODS.md section 6). Variants, as in BK-SDM:
+with L = L_task + lambda_out * L_outKD + lambda_feat * L_featKD (BK-SDM's equation; all weights 1 there, 0.5 in
+distill-sd). Variants, as in BK-SDM:
 
     base    fewer residual blocks per level: k = ceil(n/2) (SongUNet 4 -> 2, DhariwalUNet 3 -> 2), or `num_blocks`
     small   also without the deepest level's in0/in1 decoder blocks (the network keyword `mid_blocks=False`)
@@ -33,7 +34,7 @@ from training.teacher import EDM
 
 VARIANTS = ('base', 'small', 'tiny')
 
-# EDM's official teachers (EDM_COMPAT.md section 2), so student sizes can be computed without the pickles.
+# EDM's official teachers (the configurations of EDM's train.py), so student sizes can be computed without the pickles.
 TEACHER_CONFIGS = dict(
     cifar10=dict(class_name='training.networks.EDMPrecond', img_resolution=32, img_channels=3, label_dim=10,
                  augment_dim=9, model_type='SongUNet', model_channels=128, channel_mult=[2, 2, 2], num_blocks=4,

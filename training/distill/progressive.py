@@ -14,7 +14,7 @@ squared error is averaged over pixels and over the global batch, so the clip at 
 it acts on there (a sum over pixels would be C*H*W times larger and always clipped). One difference: the official
 code clips each device's gradient before averaging across devices; here the global gradient is clipped once, which
 keeps the run independent of the number of processes. Stage two of guided distillation is this method with a w-conditioned teacher: w ~ U[w_min, w_max] is
-drawn per sample and given to teacher and student alike. See METHODS.md section 4.
+drawn per sample and given to teacher and student alike.
 
 x comes from --data: PD needs real (or teacher-generated) images, and generating them with the teacher's own
 sampler would cost up to 2N teacher evaluations per sample, so this implementation requires a dataset.
