@@ -54,8 +54,9 @@ def test_no_binaries_or_large_files_outside_fixtures_and_docs():
     assert not problems, '\n'.join(problems)
 
 
-# A path-like token: directories and a name with one of the project's text or code suffixes.
-_PATH = re.compile(r'(?<![\w./-])((?:[\w.-]+/)*[\w-]+\.(?:md|py|sh|toml|txt|yml|json))(?![\w/-])')
+# A path-like token: directories and a name with one of the project's text or code suffixes (`owner/repo:path`
+# names a file of another repository).
+_PATH = re.compile(r'(?<![\w./:-])((?:[\w.-]+/)*[\w-]+\.(?:md|py|sh|toml|txt|yml|json))(?![\w/-])')
 _URL = re.compile(r'\w+://\S+')
 
 

@@ -1,5 +1,5 @@
-"""SiD and SiDA against the official code (github.com/mingyuanzhou/SiD: branch main's training/sid_loss.py,
-training/sid_training_loop.py and sid_train.py; branch sida's sida_training/sida_loss.py, sida_networks.py,
+"""SiD and SiDA against the official code (github.com/mingyuanzhou/SiD: branch main's mingyuanzhou/SiD:training/sid_loss.py,
+mingyuanzhou/SiD:training/sid_training_loop.py and sid_train.py; branch sida's sida_training/sida_loss.py, sida_networks.py,
 sida_training_loop.py and sida_train.py). Each test writes the official expression out here, independently of
 training/distill/sid.py, and runs it beside the project's code on the same inputs and random draws; the official
 settings it relies on are quoted with the file they come from."""
