@@ -9,6 +9,7 @@ This module's source is embedded into every pickle of its classes and executed b
 only the standard library, numpy, torch and torch_utils.persistence.
 """
 
+import copy
 import sys
 
 import numpy as np
@@ -313,3 +314,43 @@ class Precond(torch.nn.Module):
             return D_x
         logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
         return D_x, logvar
+
+# ----------------------------------------------------------------------------
+# The other objects of an EDM2 snapshot: the pixel encoder and the training loss (paper eq. 21), so that the
+# pickles this project writes have EDM2's layout and EDM2's own files load safely.
+
+@persistence.persistent_class
+class StandardRGBEncoder:
+    """uint8 RGB pixels <-> [-1, 1] (EDM2's encoder for pixel-space models such as img64)."""
+    def init(self, device):  # EDM2's readers call this before decoding; nothing to set up
+        pass
+
+    def encode(self, x):
+        return x.to(torch.float32) / 127.5 - 1
+
+    def decode(self, x):
+        return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+@persistence.persistent_class
+class EDM2Loss:
+    """Denoising loss with EDM2's learned uncertainty: weight(sigma) / exp(u) * |D - y|^2 + u, log-normal sigma."""
+    def __init__(self, P_mean=-0.4, P_std=1.0, sigma_data=0.5):
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.sigma_data = sigma_data
+
+    def __call__(self, net, images, labels=None):
+        sigma = (torch.randn([images.shape[0], 1, 1, 1], device=images.device) * self.P_std + self.P_mean).exp()
+        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        denoised, logvar = net(images + torch.randn_like(images) * sigma, sigma, labels, return_logvar=True)
+        return (weight / logvar.exp()) * (denoised - images) ** 2 + logvar
+
+
+def edm2_snapshot(net, dataset_kwargs=None):
+    """What EDM2 pickles for a network (its training loop and reconstruct_phema.py): a dict with keys encoder,
+    dataset_kwargs, loss_fn, ema; `ema` a frozen eval-mode float16 copy on the CPU. pickle.dump it to write a file
+    EDM2's generate_images.py reads."""
+    from dnnlib import EasyDict  # both this project and EDM2 have dnnlib.EasyDict (imported here: EDM2 execs this source)
+    ema = copy.deepcopy(net).cpu().eval().requires_grad_(False).to(torch.float16)
+    return EasyDict(encoder=StandardRGBEncoder(), dataset_kwargs=EasyDict(dataset_kwargs or {}), loss_fn=EDM2Loss(), ema=ema)
