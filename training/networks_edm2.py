@@ -284,9 +284,11 @@ class Precond(torch.nn.Module):
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
 
-    # The noise levels EDM's samplers clamp to (EDM2's sampler uses 0.002..80 without clamping: any sigma works).
+    # The noise levels EDM's samplers clamp to (EDM2's sampler uses 0.002..80 without clamping: any sigma works),
+    # and EDM2's sampler defaults where they differ from EDM's (generate_images.py: 32 Heun steps, 63 NFE).
     sigma_min = 0
     sigma_max = float('inf')
+    sampler_defaults = dict(num_steps=32)
 
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
