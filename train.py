@@ -18,12 +18,30 @@ import torch
 
 import dnnlib
 from torch_utils import distributed
-from training import run_dir, training_loop
+from training import phema, run_dir, training_loop
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
 
 # ----------------------------------------------------------------------------
 # Helpers for the option parser.
+
+def parse_phema(ctx, param, s):
+    """--phema=0.050,0.100 -> [0.05, 0.1]: distinct relative EMA stds, each in (0, 0.2887)."""
+    if s is None:
+        return None
+    try:
+        stds = [float(x) for x in s.split(',')]
+    except ValueError:
+        raise click.BadParameter(f'"{s}" is not a list of numbers, e.g. 0.050,0.100', param_hint='--phema') from None
+    for std in stds:
+        try:
+            phema.std_to_exp(std)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint='--phema') from None
+    if len({f'{x:.3f}' for x in stds}) != len(stds):
+        raise click.BadParameter(f'"{s}" repeats a std (to 3 decimals, as the snapshot names show them)', param_hint='--phema')
+    return stds
+
 
 def parse_int_list(s):
     """'1,2,3' or '1-3' -> [1, 2, 3]; None stays None."""
@@ -442,6 +460,7 @@ METHODS = {'edm': setup_edm, 'dmd': setup_dmd, 'kd': setup_kd, 'pd': setup_pd, '
 @click.option('--lr',            help='Learning rate  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
 @click.option('--lr-rampup',     help='Learning-rate warm-up  [default: edm 10000, else 0; pd: none]', metavar='KIMG', type=click.FloatRange(min=0))
 @click.option('--ema',           help='EMA half-life  [default: varies]', metavar='MIMG', type=click.FloatRange(min=0))
+@click.option('--phema',         help='Post-hoc EMA: track power-function profiles of these relative stds (EDM2: 0.050,0.100); reconstruct_phema.py makes any other', metavar='LIST', type=str, callback=parse_phema)
 @click.option('--precision',     help='Precision of every network  [default: bf16 on CUDA for distillation, else fp32]', type=click.Choice(['fp32', 'bf16', 'fp16']))
 @click.option('--fp16',          help='EDM\'s flag: the same as --precision=fp16', metavar='BOOL', type=bool, default=False)
 @click.option('--ls',            help='Static fp16 loss scale, as EDM  [default: dynamic]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
@@ -533,6 +552,8 @@ def _main(opts):
     c.snapshot_ticks = opts.snap
     c.state_dump_ticks = opts.dump
     c.cudnn_benchmark = opts.bench
+    if opts.phema is not None:
+        c.phema_stds = opts.phema
     if opts.tensorboard:
         try:
             importlib.import_module('torch.utils.tensorboard')  # needs the tensorboard package
