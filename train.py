@@ -450,6 +450,8 @@ METHODS = {'edm': setup_edm, 'dmd': setup_dmd, 'kd': setup_kd, 'pd': setup_pd, '
 @click.option('--switch',        help='DisBack: move the target every K generator steps, or when L_DM stops falling', type=click.Choice(['every', 'converged']), default='every')
 @click.option('--switch-tol',    help='DisBack: --switch=converged moves on when a window\'s L_DM fell by less than this', metavar='FRAC', type=click.FloatRange(0, 1), default=0.05)
 # SiD (with the DMD options --sigma-init, --fake-lr, --fake-sigma, --gan-g, --gan-d, --grad-clip).
+@click.option('--guide-net',     help='DMD/SiD: autoguided real score D_g + w (D - D_g) with this guiding network (EDM2)', metavar='PKL|URL', type=str)
+@click.option('--guidance',      help='DMD/SiD: autoguidance weight w of --guide-net (EDM2 img64-S: 1.7)', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--alpha',         help='SiD: loss weight, (y_r-y_f).(y_r-x) - alpha*|y_r-y_f|^2', metavar='FLOAT', type=float, default=1.2)
 @click.option('--t-max',         help='SiD: generator-loss noise levels t ~ U[0, t_max/1000] on the Karras map', metavar='INT', type=click.IntRange(1, 1000), default=800)
 @click.option('--g-beta1',       help='SiD: generator Adam beta1 (the fake score\'s is 0)', metavar='FLOAT', type=click.FloatRange(0, 1, max_open=True), default=0)
@@ -544,6 +546,7 @@ def _main(opts):
                     _check_pairs(c.method_kwargs, opts.teacher, teacher)
             elif not dnnlib.util.is_url(opts.teacher) and not os.path.isfile(opts.teacher):
                 raise click.ClickException(f'--teacher: no such file "{opts.teacher}"')
+        _setup_autoguidance(opts, c, ds, teacher if opts.teacher is not None and not opts.dry_run else None)
     c.trust_pickle = opts.trust_pickle
     c.batch_size = opts.batch
     c.batch_gpu = batch_gpu
@@ -664,6 +667,26 @@ def _check_network(option, path, ds, trust):
             raise click.ClickException(f'{option}: network is {got[0]}x{got[0]}x{got[1]} with {got[2]} labels, but the data '
                                        f'is {want[0]}x{want[0]}x{want[1]} with {want[2]} labels; pick a matching network or dataset')
     return net
+
+
+def _setup_autoguidance(opts, c, ds, teacher):
+    """--guide-net/--guidance: the one-step methods' real score becomes the autoguided pair (EDM2) D_g.lerp(D, w)."""
+    if opts.guide_net is None:
+        if opts.guidance is not None:
+            raise click.ClickException('--guidance is the autoguidance weight of --guide-net: give --guide-net=PKL too')
+        return
+    if opts.method not in ('dmd', 'sid'):
+        raise click.ClickException(f'--guide-net autoguides the real score of --method=dmd or sid; drop it for --method={opts.method}')
+    if opts.guidance is None:
+        raise click.ClickException('--guide-net needs --guidance=W, the autoguidance weight (EDM2 img64-S with XS: 1.7)')
+    c.guide_net = opts.guide_net
+    c.method_kwargs.guidance = opts.guidance
+    if teacher is not None:
+        guide = _check_network('--guide-net', opts.guide_net, ds, opts.trust_pickle)
+        got, want = [(n.img_resolution, n.img_channels, n.label_dim) for n in (guide, teacher)]
+        if got != want:
+            raise click.ClickException(f'--guide-net is {got[0]}x{got[0]}x{got[1]} with {got[2]} labels, the teacher '
+                                       f'{want[0]}x{want[0]}x{want[1]} with {want[2]}: pick a guiding network of the same task')
 
 
 def _check_transfer(c, ds, source):

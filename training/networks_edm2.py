@@ -317,6 +317,15 @@ class Precond(torch.nn.Module):
         logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
         return D_x, logvar
 
+@torch.no_grad()
+def force_weight_normalization(net):
+    """EDM2's forced weight normalisation for networks trained outside train mode (this project's distillation keeps
+    its networks in eval mode, without dropout): every trainable MPConv weight of `net` becomes normalize(w). Applied
+    after every update, the next eval-mode forward computes normalize(normalize(w)), as EDM2's train mode does."""
+    for module in net.modules():
+        if isinstance(module, MPConv) and module.weight.requires_grad:
+            module.weight.copy_(normalize(module.weight.to(torch.float32)))
+
 # ----------------------------------------------------------------------------
 # The other objects of an EDM2 snapshot: the pixel encoder and the training loss (paper eq. 21), so that the
 # pickles this project writes have EDM2's layout and EDM2's own files load safely.

@@ -21,7 +21,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed, misc, persistence, training_stats
-from training import networks, optim, phema
+from training import networks, networks_edm2, optim, phema
 from training.batching import IndexStream, RankSampler, Round, StepRandom
 
 # ----------------------------------------------------------------------------
@@ -167,6 +167,7 @@ def _training_loop(
     dataset_kwargs      = None,     # training.dataset.ImageFolderDataset keywords, or None for data-free methods
     data_loader_kwargs  = {},       # torch.utils.data.DataLoader keywords
     teacher             = None,     # teacher network pickle (path or URL), for distillation
+    guide_net           = None,     # guiding network pickle for an autoguided teacher (methods that take guide_net)
     transfer            = None,     # network pickle whose weights initialise the trained network
     trust_pickle        = False,    # allow code embedded in pickles to run (trusted files only)
     seed                = 0,        # global seed: weights, data order, noise
@@ -204,7 +205,8 @@ def _training_loop(
     # Networks: built under the global seed on every rank, so initial weights do not depend on world size.
     distributed.print0('Constructing method...')
     torch.manual_seed(seed)
-    load = lambda path: persistence.load_network_pkl(path, allow_code=trust_pickle).to(device)
+    # Networks train in float32 (EDM2's float16 files are widened exactly); precision is the run's autocast.
+    load = lambda path: persistence.load_network_pkl(path, allow_code=trust_pickle).to(device, torch.float32)
     extra = {}
     if teacher is not None:
         extra['teacher'] = load(teacher).eval().requires_grad_(False)
@@ -217,9 +219,12 @@ def _training_loop(
         extra['run_dir'] = run_dir  # for methods that write files of their own (DisBack's recorded path)
     if takes('seed'):
         extra['seed'] = seed  # for methods with fixed orders of their own (DMD's regression pairs)
+    if guide_net is not None:
+        extra['guide_net'] = load(guide_net)
     method = dnnlib.util.construct_class_by_name(**method_kwargs, device=device, batch_size=batch_size, **extra)
     for net in method.networks().values():
         misc.broadcast_module(net)
+        networks_edm2.force_weight_normalization(net)  # EDM2 networks being trained start normalised
     phema_tracker = phema.PowerFunctionEMA(_tracked(method), phema_stds) if phema_stds else None
 
     # Counters, possibly from a training state.
@@ -304,6 +309,8 @@ def _training_loop(
             step += 1
             if phema_tracker is not None:
                 phema_tracker.update(_tracked(method), cur_nimg, batch_size)
+            for net in method.networks().values():  # after the EMAs have seen the update, as in EDM2
+                networks_edm2.force_weight_normalization(net)
 
             done = cur_nimg >= total_kimg * 1000
             wanted = hasattr(method, 'wants_snapshot') and method.wants_snapshot()  # e.g. the end of a PD round

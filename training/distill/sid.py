@@ -63,6 +63,8 @@ class SiD(DMD):
         sigma_min       = 0.002,        # Karras map of the generator-loss noise levels
         sigma_max       = 80.0,
         rho             = 7.0,
+        guide_net       = None,         # autoguidance (EDM2): the real score is guide_net.lerp(teacher, guidance)
+        guidance        = 1.0,          # autoguidance weight w (1 = the teacher alone)
     ):
         if not 0 < t_max <= 1000:
             raise ValueError(f't_max must be in (0, 1000], not {t_max}')
@@ -71,7 +73,7 @@ class SiD(DMD):
                          max_grad_norm=max_grad_norm, lr_rampup_kimg=lr_rampup_kimg, fake_sigma=fake_sigma,
                          sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, gan_g_weight=gan_g_weight,
                          gan_d_weight=gan_d_weight, ema_halflife_kimg=ema_halflife_kimg,
-                         ema_rampup_ratio=ema_rampup_ratio)
+                         ema_rampup_ratio=ema_rampup_ratio, guide_net=guide_net, guidance=guidance)
         self.alpha = float(alpha)
         self.t_max = t_max
         self.rho = rho

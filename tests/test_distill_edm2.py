@@ -1,0 +1,134 @@
+"""Distillation from EDM2 teachers: float16 EDM2 pickles as teachers, the autoguided real score of the one-step
+methods, forced weight normalisation of the trained copies (part of exact resume), the GAN head on EDM2's bottleneck."""
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import train
+from dataset_tool import save_dataset
+from test_networks_edm2 import golden_net
+from torch_utils import persistence
+from training import networks_edm2
+from training import training_loop as loop_module
+from training.distill.dmd import DMD, Bottleneck
+
+
+def edm2_pickle(path, cfg):
+    """An EDM2-layout (float16) snapshot of golden network `cfg`, as EDM2 releases them."""
+    path.write_bytes(pickle.dumps(networks_edm2.edm2_snapshot(golden_net(cfg))))
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def pkls(tmp_path_factory):
+    root = tmp_path_factory.mktemp('edm2')
+    images = np.random.default_rng(0).integers(0, 256, size=[10, 16, 16, 3], dtype=np.uint8)
+    save_dataset(str(root / 'data.zip'), list(images), list(range(10)))
+    return dict(teacher=edm2_pickle(root / 'teacher.pkl', 'b'), guide=edm2_pickle(root / 'guide.pkl', 'c'),
+                uncond=edm2_pickle(root / 'uncond.pkl', 'a'), data=str(root / 'data.zip'))
+
+
+def load(path):
+    return persistence.load_network_pkl(path).to(torch.float32)
+
+
+def test_autoguided_real_score_and_copies_from_the_teacher(pkls):
+    teacher, guide = load(pkls['teacher']), load(pkls['guide'])
+    dmd = DMD(teacher, 'cpu', batch_size=4, guide_net=guide, guidance=1.7, ema_halflife_kimg=None)
+    g = torch.Generator().manual_seed(0)
+    x, sigma, c = torch.randn([2, 3, 16, 16], generator=g), torch.tensor([0.5, 5.0]), torch.eye(10)[[2, 7]]
+    with torch.no_grad():
+        expected = guide(x, sigma, c).lerp(teacher(x, sigma, c), 1.7)
+        assert torch.equal(dmd.real_score(x, sigma, c), expected)
+    for net in [dmd.G, dmd.fake]:  # generator and fake score start from the teacher alone
+        assert type(net) is networks_edm2.Precond
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), teacher.state_dict().values()))
+
+
+def mpconv_row_rms(state):
+    """Max |RMS - 1| over the output rows of every MPConv weight (the only >= 2-D tensors of EDM2's Precond)."""
+    return max((w.square().mean(dim=list(range(1, w.ndim))).sqrt() - 1).abs().max().item()
+               for k, w in state.items() if w.ndim >= 2)
+
+
+ARGS = ['--batch=8', '--tick=0.008', '--snap=100', '--dump=100', '--seed=1', '--device=cpu', '--lr=1e-3', '--nosubdir']
+
+
+@pytest.mark.parametrize('method', ['dmd', 'sid'])
+def test_one_step_methods_with_an_autoguided_edm2_teacher_resume_exactly(pkls, tmp_path, method):
+    common = [f'--method={method}', f'--teacher={pkls["teacher"]}', f'--guide-net={pkls["guide"]}', '--guidance=1.7',
+              '--duration=0.000024', *ARGS]
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "full"}', *common], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "part"}', *common[:4], '--duration=0.000008', *common[5:]],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(train.main, [f'--resume={tmp_path / "part"}', *common], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    a = torch.load(loop_module.find_latest_state(str(tmp_path / 'full')), weights_only=True)['method']
+    b = torch.load(loop_module.find_latest_state(str(tmp_path / 'part')), weights_only=True)['method']
+    for net in ['G', 'fake', 'G_ema']:
+        assert all(torch.equal(a[net][k], b[net][k]) for k in a[net]), net
+    # The trained copies keep unit-norm weights (forced weight normalisation); the teacher's are not (EMA averages).
+    assert mpconv_row_rms(a['G']) < 1e-3 and mpconv_row_rms(a['fake']) < 1e-3
+    assert mpconv_row_rms(load(pkls['teacher']).state_dict()) > 1e-2
+    G = persistence.load_network_pkl(str(tmp_path / 'full' / 'network-snapshot-000000.pkl'))
+    assert type(G) is networks_edm2.Precond and G.sampling_spec['num_steps'] == 1
+    assert {t.dtype for t in G.state_dict().values()} == {torch.float32}
+
+
+def test_forced_weight_normalization_equals_edm2_train_mode():
+    # normalize after an update, then an eval forward == EDM2's train-mode forward on the updated weights.
+    net = golden_net('a')
+    x, sigma = torch.randn([2, 3, 16, 16], generator=torch.Generator().manual_seed(1)), torch.tensor([0.3, 3.0])
+    with torch.no_grad():
+        D_train = net.train()(x, sigma)
+    net = golden_net('a')
+    networks_edm2.force_weight_normalization(net)
+    with torch.no_grad():
+        D_eval = net.eval()(x, sigma)
+    assert torch.equal(D_train, D_eval)
+    frozen = golden_net('a').requires_grad_(False)
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    networks_edm2.force_weight_normalization(frozen)  # frozen networks (teachers, EMAs) are left alone
+    assert all(torch.equal(v, before[k]) for k, v in frozen.state_dict().items())
+
+
+def test_gan_head_taps_edm2s_bottleneck(pkls):
+    net = load(pkls['uncond'])  # 16x16, channel_mult [1,2]: an 8x8 bottleneck, 16 channels
+    seen, decoder_calls = [], []
+    list(net.unet.enc.values())[-1].register_forward_hook(lambda m, args, out: seen.append(out))
+    for block in net.unet.dec.values():
+        block.register_forward_hook(lambda m, args, out: decoder_calls.append(1))
+    x, sigma = torch.randn([2, 3, 16, 16]), torch.tensor([0.5, 2.0])
+    net(x, sigma)
+    decoder_calls.clear()
+    h = Bottleneck(net)(x, sigma, None)
+    assert torch.equal(h, seen[0]) and h.shape == (2, 16, 8, 8) and not decoder_calls
+    dmd = DMD(net, 'cpu', batch_size=4, dataset=object(), gan_g_weight=3e-3, ema_halflife_kimg=None)
+    assert dmd.head is not None
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--method=pd', '--guide-net={guide}', '--guidance=2', '--data={data}', '--cond=1'], '--guide-net autoguides the real score of --method=dmd or sid; drop it for --method=pd'),
+    (['--method=dmd', '--guidance=2'], '--guidance is the autoguidance weight of --guide-net: give --guide-net=PKL too'),
+    (['--method=dmd', '--guide-net={guide}'], '--guide-net needs --guidance=W'),
+    (['--method=sid', '--guide-net={uncond}', '--guidance=2'], '--guide-net is 16x16x3 with 0 labels, the teacher 16x16x3 with 10'),
+])
+def test_cli_autoguidance_errors(pkls, tmp_path, args, message):
+    args = [a.format(**pkls) for a in args]
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "runs"}', f'--teacher={pkls["teacher"]}', '--device=cpu', *args])
+    assert r.exit_code == 1 and message in r.output, r.output
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_edm2_float16_file_is_widened_exactly(pkls):
+    with open(pkls['teacher'], 'rb') as f:
+        stored = persistence.load(io.BytesIO(f.read()))['ema']
+    widened = load(pkls['teacher'])
+    assert all(torch.equal(a.to(torch.float32), b) for a, b in zip(stored.state_dict().values(), widened.state_dict().values()))
