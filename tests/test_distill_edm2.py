@@ -132,3 +132,28 @@ def test_edm2_float16_file_is_widened_exactly(pkls):
         stored = persistence.load(io.BytesIO(f.read()))['ema']
     widened = load(pkls['teacher'])
     assert all(torch.equal(a.to(torch.float32), b) for a, b in zip(stored.state_dict().values(), widened.state_dict().values()))
+
+
+def test_guided_student_of_an_edm2_teacher_starts_as_the_teacher(pkls):
+    from training.distill.guided import make_guided_student
+    teacher = load(pkls['teacher'])
+    student = make_guided_student(teacher).eval()
+    assert sorted(set(student.state_dict()) - set(teacher.state_dict())) == [
+        'unet.emb_guidance.weight', 'unet.emb_guidance_fourier.freqs', 'unet.emb_guidance_fourier.phases', 'unet.emb_guidance_gain']
+    x, sigma, c = torch.randn([2, 3, 16, 16]), torch.tensor([0.5, 5.0]), torch.eye(10)[[2, 7]]
+    with torch.no_grad():
+        assert torch.equal(student(x, sigma, c, guidance=torch.tensor([0.0, 3.0])), teacher(x, sigma, c))
+        with pytest.raises(ValueError, match='no guidance input'):
+            teacher(x, sigma, c, guidance=1.0)
+
+
+@pytest.mark.parametrize('method, extra', [('pd', ['--start-steps=4', '--end-steps=2', '--round-kimg=0.008']),
+                                           ('guided', ['--guide={guide}', '--duration=0.000016'])])
+def test_pd_and_guided_train_from_an_edm2_teacher(pkls, tmp_path, method, extra):
+    r = CliRunner().invoke(train.main, [f'--method={method}', f'--teacher={pkls["teacher"]}', f'--data={pkls["data"]}',
+                                        '--cond=1', f'--outdir={tmp_path}', *[a.format(**pkls) for a in extra], *ARGS],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    state = torch.load(loop_module.find_latest_state(str(tmp_path)), weights_only=True)['method']
+    assert mpconv_row_rms(state['student']) < 1e-3  # forced weight normalisation of the trained student
+    assert type(persistence.load_network_pkl(str(tmp_path / 'network-snapshot-000000.pkl'))) is networks_edm2.Precond

@@ -186,6 +186,7 @@ class UNet(torch.nn.Module):
         attn_resolutions    = [16,8],       # Resolutions with self-attention.
         label_balance       = 0.5,          # Weight t of the class embedding against the noise embedding.
         concat_balance      = 0.5,          # Weight t of the skip connection against the main path.
+        guidance_embed      = False,        # Take a guidance strength w (guided-distillation students; not in EDM2)?
         **block_kwargs,                     # Block keywords.
     ):
         super().__init__()
@@ -200,6 +201,11 @@ class UNet(torch.nn.Module):
         self.emb_fourier = MPFourier(cnoise)
         self.emb_noise = MPConv(cnoise, cemb, kernel=[])
         self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim != 0 else None
+        # Guidance strength w (Meng et al. 2023), added to the embedding with a zero-initialised gain, so that a new
+        # student equals its teacher.
+        self.emb_guidance_fourier = MPFourier(cnoise) if guidance_embed else None
+        self.emb_guidance = MPConv(cnoise, cemb, kernel=[]) if guidance_embed else None
+        self.emb_guidance_gain = torch.nn.Parameter(torch.zeros([])) if guidance_embed else None
 
         # Encoder. The input gets a constant channel of ones, which gives the first convolution an offset.
         self.enc = torch.nn.ModuleDict()
@@ -230,11 +236,17 @@ class UNet(torch.nn.Module):
                 self.dec[f'{res}x{res}_block{idx}'] = Block(cin, cout, cemb, flavor='dec', attention=(res in attn_resolutions), **block_kwargs)
         self.out_conv = MPConv(cout, img_channels, kernel=[3,3])
 
-    def forward(self, x, noise_labels, class_labels):
+    def forward(self, x, noise_labels, class_labels, guidance=None):
         emb = self.emb_noise(self.emb_fourier(noise_labels))
         if self.emb_label is not None:
             # One-hot labels scaled to unit RMS, balanced against the noise embedding.
             emb = mp_sum(emb, self.emb_label(class_labels * np.sqrt(class_labels.shape[1])), t=self.label_balance)
+        if self.emb_guidance is not None:
+            w = torch.as_tensor(0 if guidance is None else guidance, device=emb.device).to(torch.float32).reshape(-1)
+            emb = emb + self.emb_guidance(self.emb_guidance_fourier(w), gain=self.emb_guidance_gain)
+        elif guidance is not None:
+            raise ValueError('guidance=w given, but this network has no guidance input (guidance_embed=False); only '
+                             'guided-distillation students take it (drop generate.py --guidance)')
         emb = mp_silu(emb)
 
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
