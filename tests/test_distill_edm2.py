@@ -157,3 +157,29 @@ def test_pd_and_guided_train_from_an_edm2_teacher(pkls, tmp_path, method, extra)
     state = torch.load(loop_module.find_latest_state(str(tmp_path)), weights_only=True)['method']
     assert mpconv_row_rms(state['student']) < 1e-3  # forced weight normalisation of the trained student
     assert type(persistence.load_network_pkl(str(tmp_path / 'network-snapshot-000000.pkl'))) is networks_edm2.Precond
+
+
+def test_toy_edm2_teacher_distilled_with_dmd_and_sid(tmp_path):
+    """toy.py build --arch=edm2 fits an EDM2 UNet to the exact denoiser; dmd and sid distil it into one-step
+    generators that toy.py measures (their quality: docs/BENCHMARKS.md)."""
+    import json
+
+    import toy as toy_cli
+    build = ['build', '--resolution=8', '--channels=3', '--K=3', '--num-images=64', '--fit-kimg=0.512', '--fit-batch=64',
+             '--fit-channels=8', '--fit-mult=1,2', '--arch=edm2', '--fit-lr=1e-2']
+    r = CliRunner().invoke(toy_cli.cli, [*build, f'--outdir={tmp_path / "a"}'])
+    assert r.exit_code == 0, r.output
+    teacher = persistence.load_network_pkl(str(tmp_path / 'a' / 'teacher-edm2.pkl'))
+    assert type(teacher) is networks_edm2.Precond and teacher.label_dim == 3 and not teacher.training
+    info = json.loads((tmp_path / 'a' / 'problem.json').read_text())
+    assert info['net']['class_name'] == 'training.networks_edm2.Precond' and info['fit']['num_steps'] == 8
+    assert mpconv_row_rms(teacher.state_dict()) < 1e-3  # fitted with forced weight normalisation
+    for method in ['dmd', 'sid']:
+        out = tmp_path / method
+        r = CliRunner().invoke(train.main, [f'--method={method}', f'--teacher={tmp_path / "a" / "teacher-edm2.pkl"}',
+                                            f'--outdir={out}', '--duration=0.000016', *ARGS], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        r = CliRunner().invoke(toy_cli.cli, ['metrics', f'--problem={tmp_path / "a"}', f'--network={out / "network-snapshot-000000.pkl"}',
+                                             '--num=64', f'--out={out / "metrics.json"}'])
+        assert r.exit_code == 0, r.output
+        assert np.isfinite(json.loads((out / 'metrics.json').read_text())['images']['fd'])
