@@ -266,13 +266,16 @@ class UNet(torch.nn.Module):
 
 def _backbone_dtype(net, x, force_fp32):
     """The backbone's precision: the project's run-wide --precision when training.networks is loaded (None there =
-    EDM2's rule), else EDM2's rule: float16 when use_fp16 and on CUDA. Returns (dtype, autocast dtype or None)."""
+    EDM2's rule), else EDM2's rule: float16 when use_fp16 and on CUDA. fp16 on a use_fp16 network is EDM2's own
+    float16 path (the main path cast, the embeddings in float32), other choices autocast. Returns (dtype, autocast
+    dtype or None)."""
     run = getattr(sys.modules.get('training.networks'), '_precision', None)
+    edm2_fp16 = net.use_fp16 and x.device.type == 'cuda'
     if force_fp32 or run == 'fp32':
         return torch.float32, None
-    if run in ('bf16', 'fp16'):
+    if run == 'bf16' or (run == 'fp16' and not edm2_fp16):
         return torch.float32, dict(bf16=torch.bfloat16, fp16=torch.float16)[run]
-    return (torch.float16 if net.use_fp16 and x.device.type == 'cuda' else torch.float32), None
+    return (torch.float16 if edm2_fp16 else torch.float32), None
 
 
 @persistence.persistent_class
