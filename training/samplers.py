@@ -183,7 +183,7 @@ class Autoguided(torch.nn.Module):
         self.net, self.gnet, self.guidance = net, gnet, guidance
         self.img_resolution, self.img_channels, self.label_dim = ours
         self.sigma_min, self.sigma_max = max(net.sigma_min, gnet.sigma_min), min(net.sigma_max, gnet.sigma_max)
-        self.use_fp16 = net.use_fp16
+        self.use_fp16 = getattr(net, 'use_fp16', False)
         self.sampler_defaults = getattr(net, 'sampler_defaults', {})
 
     def round_sigma(self, sigma):
