@@ -183,3 +183,25 @@ def test_toy_edm2_teacher_distilled_with_dmd_and_sid(tmp_path):
                                              '--num=64', f'--out={out / "metrics.json"}'])
         assert r.exit_code == 0, r.output
         assert np.isfinite(json.loads((out / 'metrics.json').read_text())['images']['fd'])
+
+
+def test_kd_compresses_an_edm2_teacher(pkls, tmp_path):
+    from training.distill import kd
+    torch.manual_seed(0)
+    teacher = networks_edm2.Precond(16, 3, 10, use_fp16=False, model_channels=8, channel_mult=[1, 2], num_blocks=2,
+                                    attn_resolutions=[8], channels_per_head=8).eval()
+    student = kd.make_student(teacher, 'base')
+    assert type(student) is networks_edm2.Precond and student.init_kwargs['num_blocks'] == 1
+    source = teacher.state_dict()
+    for key, value in student.state_dict().items():  # block 0 from block 0; the last decoder block from the teacher's
+        assert torch.equal(value, source[key.replace('_block1.', '_block2.') if '.dec.' in key else key]), key
+    assert ('unet.dec.8x8_block1', 'unet.dec.8x8_block2') in kd.feature_pairs(student, teacher)
+    path = tmp_path / 'teacher.pkl'
+    path.write_bytes(pickle.dumps(networks_edm2.edm2_snapshot(teacher)))
+    common = ['--method=kd', f'--teacher={path}', f'--data={pkls["data"]}', '--cond=1', '--device=cpu']
+    r = CliRunner().invoke(train.main, [*common, f'--outdir={tmp_path / "run"}', '--duration=0.000016', *ARGS])
+    assert r.exit_code == 0, r.output
+    state = torch.load(loop_module.find_latest_state(str(tmp_path / 'run')), weights_only=True)['method']
+    assert mpconv_row_rms(state['net']) < 1e-3
+    r = CliRunner().invoke(train.main, [*common, f'--outdir={tmp_path / "small"}', '--kd-variant=small'])
+    assert r.exit_code == 1 and 'KD variant "small" removes the in0/in1 decoder blocks, which EDM2\'s UNet always has' in r.output

@@ -308,7 +308,9 @@ class Precond(torch.nn.Module):
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
 
-    def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False, **unet_kwargs):
+    def forward(self, x, sigma, class_labels=None, force_fp32=False, return_logvar=False, augment_labels=None, **unet_kwargs):
+        if augment_labels is not None:  # EDM's losses pass augment_labels=None to any network they train
+            raise ValueError('EDM2 networks take no augmentation labels; train them without --augment')
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
         if self.label_dim == 0:
