@@ -10,6 +10,7 @@ from its recorded constructor arguments and filled with the stored tensors. `all
 behaviour of executing the embedded source, for files the user trusts.
 """
 
+import ast
 import collections
 import copy
 import importlib
@@ -189,7 +190,6 @@ _defined_classes_cache = dict()
 def _defined_classes(module_src):
     """The top-level class names an embedded module source defines, read with ast (parsed, never executed)."""
     if module_src not in _defined_classes_cache:
-        import ast
         try:
             tree = ast.parse(module_src)
         except (SyntaxError, ValueError, RecursionError, MemoryError) as e:  # ast's reports on text that is not Python
@@ -215,10 +215,10 @@ def _safe_class_name(class_name, module_src):
 class _Persisted:
     """Stand-in for a persisted object while unpickling: its class name and pickled __dict__, nothing executed;
     `target` is the dotted name of the project class it becomes."""
-    def __init__(self, class_name, state, target=None):
+    def __init__(self, class_name, state, target):
         self.class_name = class_name
         self.state = state
-        self.target = target or _safe_classes[class_name]
+        self.target = target
 
 
 def _reconstruct_safely(meta):
