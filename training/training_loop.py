@@ -205,8 +205,7 @@ def _training_loop(
     # Networks: built under the global seed on every rank, so initial weights do not depend on world size.
     distributed.print0('Constructing method...')
     torch.manual_seed(seed)
-    # Networks train in float32 (EDM2's float16 files are widened exactly); precision is the run's autocast.
-    load = lambda path: persistence.load_network_pkl(path, allow_code=trust_pickle).to(device, torch.float32)
+    load = lambda path: _widen_float16(persistence.load_network_pkl(path, allow_code=trust_pickle).to(device))
     extra = {}
     if teacher is not None:
         extra['teacher'] = load(teacher).eval().requires_grad_(False)
@@ -440,6 +439,13 @@ def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, preview_grid
         w = next(d for d in range(max(math.isqrt(n), 1), n + 1) if n % d == 0)  # each kind a w-wide block, stacked
         misc.save_image_grid(torch.cat([r.cpu() for r in rows]), os.path.join(run_dir, f'fakes-{cur_nimg // 1000:06d}.png'), grid_w=w)
     return True
+
+
+def _widen_float16(net):
+    """EDM2's float16 files widened to float32 (exactly): networks train in float32, precision is the run's autocast."""
+    if any(t.dtype == torch.float16 for t in net.state_dict().values()):
+        net = net.float()
+    return net
 
 
 def _tracked(method):
