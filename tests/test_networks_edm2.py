@@ -124,3 +124,21 @@ def test_precision_autocast_and_fp32():
     assert bf16.dtype == fp32.dtype == torch.float32
     assert torch.equal(fp32, ref)  # use_fp16 has no effect on the CPU, as in EDM2
     assert 0 < (bf16 - ref).abs().max() < 0.05  # autocast really ran in bfloat16, and stayed close
+
+
+def test_backbone_precision_rules():
+    # EDM2's rule (float16 main path for use_fp16 on CUDA) unless the run's --precision says otherwise; fp16 on a
+    # use_fp16 network on CUDA is EDM2's own float16 path, every other bf16/fp16 choice autocasts.
+    from types import SimpleNamespace as NS
+    cuda, cpu = NS(device=NS(type='cuda')), NS(device=NS(type='cpu'))
+    fp16_net, fp32_net = NS(use_fp16=True), NS(use_fp16=False)
+    rule = networks_edm2._backbone_dtype
+    with networks.backbone_precision(None):
+        assert rule(fp16_net, cuda, False) == (torch.float16, None) and rule(fp16_net, cpu, False) == (torch.float32, None)
+        assert rule(fp16_net, cuda, True) == (torch.float32, None)  # force_fp32
+    with networks.backbone_precision('fp16'):
+        assert rule(fp16_net, cuda, False) == (torch.float16, None) and rule(fp32_net, cuda, False) == (torch.float32, torch.float16)
+    with networks.backbone_precision('bf16'):
+        assert rule(fp16_net, cuda, False) == (torch.float32, torch.bfloat16)
+    with networks.backbone_precision('fp32'):
+        assert rule(fp16_net, cuda, False) == (torch.float32, None)
