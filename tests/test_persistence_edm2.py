@@ -99,3 +99,24 @@ def test_allow_code_reads_it_as_edm2_would():
     net = golden_net('a')
     out = persistence.load(io.BytesIO(edm2_bytes(net, prefix='')), allow_code=True)  # EDM2's reader: exec the source
     assert torch.equal(run(out['ema'], 'a'), run(networks_edm2.edm2_snapshot(net).ema, 'a'))
+
+
+def test_damaged_edm2_pickles_raise_only_pickle_load_error():
+    # Truncations and bit flips anywhere (the embedded source included): a one-line PickleLoadError or a clean load.
+    import random
+    data = edm2_bytes(golden_net('a'), prefix='')
+    rng = random.Random(0)
+    cases = [data[:rng.randrange(len(data))] for _ in range(15)]
+    for _ in range(30):
+        b = bytearray(data)
+        for p in rng.sample(range(len(data)), rng.randint(1, 3)):
+            b[p] ^= 1 << rng.randrange(8)
+        cases.append(bytes(b))
+    refused = 0
+    for case in cases:
+        try:
+            persistence.load(io.BytesIO(case))
+        except persistence.PickleLoadError as e:
+            assert '\n' not in str(e)
+            refused += 1
+    assert refused >= 15  # every truncation at least
