@@ -15,7 +15,7 @@ import click
 
 import dnnlib
 from torch_utils import persistence
-from training import phema
+from training import networks_edm2, phema
 
 # ----------------------------------------------------------------------------
 
@@ -40,8 +40,9 @@ def _load(path, allow_code):
     return data
 
 
-def reconstruct_files(indir, outdir, out_stds, out_nimg=None, allow_code=False):
-    """Write outdir/phema-KIMG-STD.pkl for each target std at out_nimg (default: the latest profile's); returns paths."""
+def reconstruct_files(indir, outdir, out_stds, out_nimg=None, allow_code=False, edm2_layout=False):
+    """Write outdir/phema-KIMG-STD.pkl for each target std at out_nimg (default: the latest profile's); returns paths.
+    edm2_layout: write EDM2's own layout (networks_edm2.edm2_snapshot: float16 ema, encoder, loss_fn), for EDM2's tools."""
     profiles = find_profiles(indir, allow_code)
     if not profiles:
         raise ValueError(f'"{indir}" has no network-snapshot-KIMG-STD.pkl files: train with --phema=0.050,0.100')
@@ -55,11 +56,16 @@ def reconstruct_files(indir, outdir, out_stds, out_nimg=None, allow_code=False):
     inputs = [(n, s, lambda path=path: _load(path, allow_code)['ema']) for n, s, path in profiles]
     nets = phema.reconstruct(inputs, [out_nimg] * len(out_stds), out_stds)
     data = _load(latest, allow_code)
+    if edm2_layout and not isinstance(data['ema'], networks_edm2.Precond):
+        raise ValueError(f'--edm2 writes EDM2\'s layout for EDM2 networks; "{latest}" holds a {type(data["ema"]).__name__}')
     os.makedirs(outdir, exist_ok=True)
     paths = []
     for std, net in zip(out_stds, nets):
         paths.append(os.path.join(outdir, f'phema-{out_nimg // 1000:06d}-{std:.3f}.pkl'))
-        out = dict(data, ema=net, phema=dict(std=std, nimg=out_nimg))
+        if edm2_layout:
+            out = networks_edm2.edm2_snapshot(net, data.get('dataset_kwargs'))
+        else:
+            out = dict(data, ema=net, phema=dict(std=std, nimg=out_nimg))
         dnnlib.util.atomic_write(paths[-1], lambda f, out=out: pickle.dump(out, f))
     return paths
 
@@ -77,10 +83,11 @@ def _parse_stds(ctx, param, value):
 @click.option('--outstd',       help='Target EMA lengths (relative stds), e.g. 0.050,0.075', metavar='LIST', type=str, required=True, callback=_parse_stds)
 @click.option('--outkimg',      help='Training time of the targets  [default: the latest profile]', metavar='KIMG', type=click.FloatRange(min=0, min_open=True))
 @click.option('--trust-pickle', help='Allow code embedded in the pickles to run (only for files you trust)', is_flag=True)
-def main(indir, outdir, outstd, outkimg, trust_pickle):
+@click.option('--edm2',         help='Write EDM2\'s pickle layout (float16 ema, encoder, loss_fn) for its generate_images.py', is_flag=True)
+def main(indir, outdir, outstd, outkimg, trust_pickle, edm2):
     """Reconstruct networks for other EMA lengths from a run's tracked power-function EMA profiles."""
     try:
-        paths = reconstruct_files(indir, outdir, outstd, None if outkimg is None else round(outkimg * 1000), trust_pickle)
+        paths = reconstruct_files(indir, outdir, outstd, None if outkimg is None else round(outkimg * 1000), trust_pickle, edm2)
     except ValueError as e:
         raise click.ClickException(str(e))
     except OSError as e:

@@ -199,9 +199,17 @@ def test_kd_compresses_an_edm2_teacher(pkls, tmp_path):
     path = tmp_path / 'teacher.pkl'
     path.write_bytes(pickle.dumps(networks_edm2.edm2_snapshot(teacher)))
     common = ['--method=kd', f'--teacher={path}', f'--data={pkls["data"]}', '--cond=1', '--device=cpu']
-    r = CliRunner().invoke(train.main, [*common, f'--outdir={tmp_path / "run"}', '--duration=0.000016', *ARGS])
+    r = CliRunner().invoke(train.main, [*common, f'--outdir={tmp_path / "run"}', '--duration=0.000016', '--phema=0.050,0.100', *ARGS])
     assert r.exit_code == 0, r.output
     state = torch.load(loop_module.find_latest_state(str(tmp_path / 'run')), weights_only=True)['method']
     assert mpconv_row_rms(state['net']) < 1e-3
+    # The compressed student's profiles, reconstructed into EDM2's own pickle layout (for its generate_images.py).
+    import reconstruct_phema
+    r = CliRunner().invoke(reconstruct_phema.main, ['--indir', str(tmp_path / 'run'), '--outdir', str(tmp_path / 'phema'),
+                                                    '--outstd', '0.070', '--edm2'])
+    assert r.exit_code == 0, r.output
+    data = persistence.load(io.BytesIO((tmp_path / 'phema' / 'phema-000000-0.070.pkl').read_bytes()))
+    assert list(data) == ['encoder', 'dataset_kwargs', 'loss_fn', 'ema'] and data['ema'].init_kwargs['num_blocks'] == 1
+    assert {t.dtype for t in data['ema'].state_dict().values()} == {torch.float16} and not data['ema'].training
     r = CliRunner().invoke(train.main, [*common, f'--outdir={tmp_path / "small"}', '--kd-variant=small'])
     assert r.exit_code == 1 and 'KD variant "small" removes the in0/in1 decoder blocks, which EDM2\'s UNet always has' in r.output
