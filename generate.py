@@ -43,6 +43,16 @@ def init_and_load(device, network_pkl, allow_code, what):
         raise click.ClickException(f'Cannot load {what} "{network_pkl}": {e}')
     return device, net
 
+def autoguided(net, guide_pkl, guidance, device, allow_code):
+    """--guide-net: `net` guided by the network in guide_pkl with weight `guidance` (EDM2's autoguidance)."""
+    try:
+        with dist.rank0_first():
+            gnet = load_network(guide_pkl, device, allow_code=allow_code)
+        return samplers.Autoguided(net, gnet, guidance)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f'Cannot load guiding network "{guide_pkl}": {e}')
+
+
 def inference_precision(net, device, precision):
     """--precision as a backbone precision: 'auto' is EDM's rule (the network's stored use_fp16: fp16 on CUDA)."""
     if precision != 'auto':
@@ -153,7 +163,7 @@ def generate_images(net, seeds, outdir, batch=64, device='cpu', subdirs=False, c
 @click.option('--subdirs',                help='Create subdirectory for every 1000 seeds', is_flag=True)
 @click.option('--class', 'class_idx',     help='Class label  [default: random]', metavar='INT', type=options.Int(min=0), default=None)
 @click.option('--batch', 'batch',         help='Maximum batch size per process', metavar='INT', type=options.BATCH, default=64, show_default=True)
-@click.option('--steps', 'num_steps',     help='Number of sampling steps  [default: 18 or the network\'s spec]', metavar='INT', type=options.Int(min=1))
+@click.option('--steps', 'num_steps',     help='Number of sampling steps  [default: 18 (EDM2 networks: 32) or the network\'s spec]', metavar='INT', type=options.Int(min=1))
 @click.option('--sigma_min',              help='Lowest noise level  [default: 0.002, per --disc, or spec]', metavar='FLOAT', type=options.Float(min=0, min_open=True))
 @click.option('--sigma_max',              help='Highest noise level  [default: 80, per --disc, or spec]', metavar='FLOAT', type=options.Float(min=0, min_open=True))
 @click.option('--rho',                    help='Time step exponent  [default: 7 or spec]', metavar='FLOAT', type=options.Float(min=0, min_open=True))
@@ -167,12 +177,18 @@ def generate_images(net, seeds, outdir, batch=64, device='cpu', subdirs=False, c
 @click.option('--scaling',                help='Ablate signal scaling s(t)  [default: none]', type=click.Choice(['vp', 'none']))
 @click.option('--device',                 help='Device  [default: cuda if available]', type=options.Device())
 @click.option('--trust-pickle',           help='Allow code embedded in the pickle to run (only for files you trust)', is_flag=True)
-@click.option('--guidance',               help='Guidance strength w of a guided-distillation student  [default: 0]', metavar='FLOAT', type=options.Float())
+@click.option('--guidance',               help='Guidance strength w of a guided-distillation student [default: 0], or with --guide-net the autoguidance weight', metavar='FLOAT', type=options.Float())
+@click.option('--guide-net', 'guide_pkl', help='Guiding network pickle for autoguidance, D_g + w (D - D_g) (EDM2)', metavar='PATH|URL', type=str)
 @precision_option
-def main(network_pkl, outdir, seeds, subdirs, class_idx, batch, device, trust_pickle, guidance, precision, **sampler_kwargs):
+def main(network_pkl, outdir, seeds, subdirs, class_idx, batch, device, trust_pickle, guidance, guide_pkl, precision, **sampler_kwargs):
     """Generate images (seeds -> PNGs) with a network; sampler options override the network's sampling spec."""
+    if guide_pkl is not None and guidance is None:
+        raise click.ClickException('--guide-net needs --guidance=W, the autoguidance weight (EDM2 img64-S with XS: 1.7)')
     device, net = init_and_load(device, network_pkl, trust_pickle, 'network')
     precision = inference_precision(net, device, precision)
+    if guide_pkl is not None:
+        net = autoguided(net, guide_pkl, guidance, device, trust_pickle)
+        guidance = None  # the weight belongs to the pair, not to the network's keywords
 
     dist.print0(f'Generating {len(seeds)} images to "{outdir}" with {dist.get_world_size()} process(es), {precision}...')
     try:

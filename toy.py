@@ -45,11 +45,16 @@ def dump_pickle(path, net, dataset_kwargs):
 
 
 def build(outdir, problem_kwargs, num_images, fit_kimg, fit_kwargs, net_kwargs, log=print):
-    """Write problem.json, reference.npz, teacher-exact.pkl, dataset.zip and (fit_kimg > 0) teacher-unet.pkl."""
+    """Write problem.json, reference.npz, teacher-exact.pkl, dataset.zip and (fit_kimg > 0) the fitted teacher:
+    teacher-unet.pkl (net_kwargs for training.networks.EDMPrecond) or, with net_kwargs class_name
+    'training.networks_edm2.Precond', teacher-edm2.pkl."""
     import dataset_tool
-    from training.networks import EDMPrecond
     seed = problem_kwargs['seed']
-    outputs = ['problem.json', 'reference.npz', 'teacher-exact.pkl', 'dataset.zip', 'teacher-unet.pkl']
+    net_kwargs = dict(net_kwargs)
+    class_name = net_kwargs.pop('class_name', 'training.networks.EDMPrecond')
+    edm2 = class_name == 'training.networks_edm2.Precond'
+    teacher_name = 'teacher-edm2.pkl' if edm2 else 'teacher-unet.pkl'
+    outputs = ['problem.json', 'reference.npz', 'teacher-exact.pkl', 'dataset.zip', teacher_name]
     taken = [name for name in outputs if os.path.exists(os.path.join(outdir, name))]
     if taken:
         raise ValueError(f'"{outdir}" already holds {", ".join(taken)}; remove them or pick another --outdir')
@@ -81,13 +86,16 @@ def build(outdir, problem_kwargs, num_images, fit_kimg, fit_kwargs, net_kwargs, 
     # The fitted UNet teacher.
     fit_steps = int(round(fit_kimg * 1000 / fit_kwargs['batch_size']))
     info = dict(problem=problem_kwargs, num_images=num_images, fit=dict(fit_kwargs, num_steps=fit_steps),
-                net=net_kwargs)
+                net=net_kwargs if not edm2 else dict(class_name=class_name, **net_kwargs))
     if fit_steps > 0:
         torch.manual_seed(seed)
-        net = EDMPrecond(img_resolution=R, img_channels=gmm.img_channels, label_dim=K,
-                         label_dropout=fit_kwargs['p_uncond'], **net_kwargs)  # recorded: the zero label is unconditional
+        # Recorded in the pickle: the zero label is unconditional (EDM2's Precond has no such keyword).
+        dropout = {} if edm2 else dict(label_dropout=fit_kwargs['p_uncond'])
+        net = dnnlib.util.construct_class_by_name(class_name=class_name, img_resolution=R, img_channels=gmm.img_channels,
+                                                  label_dim=K, **net_kwargs, **dropout)
         num_params = sum(p.numel() for p in net.parameters())
-        log(f'Fitting a {num_params / 1e6:.2f}M-parameter {net_kwargs["model_type"]} to D* for {fit_steps} steps...')
+        log(f'Fitting a {num_params / 1e6:.2f}M-parameter {"EDM2 UNet" if edm2 else net_kwargs["model_type"]} to D* '
+            f'for {fit_steps} steps...')
         t0 = time.time()
         net.requires_grad_(True)
         with dnnlib.util.progress_bar(fit_steps, 'Fitting', unit='step') as bar:
@@ -96,8 +104,8 @@ def build(outdir, problem_kwargs, num_images, fit_kimg, fit_kwargs, net_kwargs, 
                 bar.update(1)
         net.eval().requires_grad_(False)
         info.update(num_params=num_params, fit_seconds=round(time.time() - t0, 1), fit_rms=fit_error(net, gmm))
-        dump_pickle(os.path.join(outdir, 'teacher-unet.pkl'), net, dataset_kwargs)
-        log(f'teacher-unet.pkl written after {dnnlib.util.format_time(info["fit_seconds"])} (last loss {loss:.5f}); '
+        dump_pickle(os.path.join(outdir, teacher_name), net, dataset_kwargs)
+        log(f'{teacher_name} written after {dnnlib.util.format_time(info["fit_seconds"])} (last loss {loss:.5f}); '
             f'RMS error vs D* per sigma: {info["fit_rms"]}')
     dnnlib.util.atomic_write(os.path.join(outdir, 'problem.json'), lambda f: f.write(json.dumps(info, indent=2)),
                              mode='w')
@@ -191,11 +199,12 @@ def cli():
 @click.option('--fit-batch',     help='Fitting batch size', metavar='INT', type=options.BATCH, default=128, show_default=True)
 @click.option('--fit-lr',        help='Adam learning rate (cosine decay)', metavar='FLOAT', type=options.Float(min=0, min_open=True), default=2e-3, show_default=True)
 @click.option('--fit-p-uncond',  help='Share of all-zero labels (unconditional targets)', metavar='P', type=options.Float(0, 1), default=0.1, show_default=True)
-@click.option('--fit-channels',  help='SongUNet model_channels', metavar='INT', type=options.Int(min=1), default=32, show_default=True)
-@click.option('--fit-mult',      help='SongUNet channel_mult', metavar='LIST', type=str, default='1,2', show_default=True)
-@click.option('--fit-blocks',    help='SongUNet num_blocks', metavar='INT', type=options.Int(min=1), default=1, show_default=True)
+@click.option('--fit-channels',  help='model_channels of the fitted teacher', metavar='INT', type=options.Int(min=1), default=32, show_default=True)
+@click.option('--fit-mult',      help='channel_mult of the fitted teacher', metavar='LIST', type=str, default='1,2', show_default=True)
+@click.option('--fit-blocks',    help='num_blocks of the fitted teacher', metavar='INT', type=options.Int(min=1), default=1, show_default=True)
+@click.option('--arch',          help='Fitted teacher: EDM\'s SongUNet (teacher-unet.pkl) or EDM2\'s UNet (teacher-edm2.pkl)', type=click.Choice(['songunet', 'edm2']), default='songunet', show_default=True)
 def build_cmd(outdir, resolution, channels, K, seed, num_images, fit_kimg, fit_batch, fit_lr, fit_p_uncond,
-              fit_channels, fit_mult, fit_blocks):
+              fit_channels, fit_mult, fit_blocks, arch):
     """Build a problem: dataset.zip, teacher-exact.pkl, teacher-unet.pkl, reference.npz, problem.json."""
     if resolution & (resolution - 1):
         raise click.BadParameter(f'{resolution} is not a power of two (datasets need power-of-two images)', param_hint='--resolution')
@@ -212,6 +221,9 @@ def build_cmd(outdir, resolution, channels, K, seed, num_images, fit_kimg, fit_b
     fit_kwargs = dict(batch_size=fit_batch, lr=fit_lr, p_uncond=fit_p_uncond, p_loguniform=0.5)
     net_kwargs = dict(model_type='SongUNet', model_channels=fit_channels, channel_mult=channel_mult,
                       num_blocks=fit_blocks, attn_resolutions=[], dropout=0)
+    if arch == 'edm2':  # the same widths; float32 throughout, as on the CPU
+        net_kwargs = dict(class_name='training.networks_edm2.Precond', use_fp16=False, model_channels=fit_channels,
+                          channel_mult=channel_mult, num_blocks=fit_blocks, attn_resolutions=[])
     try:
         build(outdir, problem_kwargs, num_images, fit_kimg, fit_kwargs, net_kwargs, log=click.echo)
     except ValueError as e:

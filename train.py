@@ -19,12 +19,30 @@ import torch
 import dnnlib
 from torch_utils import distributed
 from torch_utils import options
-from training import run_dir, training_loop
+from training import phema, run_dir, training_loop
 
 warnings.filterwarnings('ignore', 'Grad strides do not match bucket view strides')
 
 # ----------------------------------------------------------------------------
 # Helpers for the option parser.
+
+def parse_phema(ctx, param, s):
+    """--phema=0.050,0.100 -> [0.05, 0.1]: distinct relative EMA stds, each in (0, 0.2887)."""
+    if s is None:
+        return None
+    try:
+        stds = [float(x) for x in s.split(',')]
+    except ValueError:
+        raise click.BadParameter(f'"{s}" is not a list of numbers, e.g. 0.050,0.100', param_hint='--phema') from None
+    for std in stds:
+        try:
+            phema.std_to_exp(std)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint='--phema') from None
+    if len({f'{x:.3f}' for x in stds}) != len(stds):
+        raise click.BadParameter(f'"{s}" repeats a std (to 3 decimals, as the snapshot names show them)', param_hint='--phema')
+    return stds
+
 
 def next_run_dir(outdir, desc):
     """outdir/{id:05d}-{desc} with id one past the largest existing one."""
@@ -451,6 +469,8 @@ METHODS = {'edm': setup_edm, 'dmd': setup_dmd, 'kd': setup_kd, 'pd': setup_pd, '
 @click.option('--switch',        help='DisBack: move the target every K generator steps, or when L_DM stops falling', type=click.Choice(['every', 'converged']), default='every')
 @click.option('--switch-tol',    help='DisBack: --switch=converged moves on when a window\'s L_DM fell by less than this', metavar='FRAC', type=options.Float(0, 1), default=0.05)
 # SiD (with the DMD options --sigma-init, --fake-lr, --fake-sigma, --gan-g, --gan-d, --grad-clip).
+@click.option('--guide-net',     help='DMD/SiD: autoguided real score D_g + w (D - D_g) with this guiding network (EDM2)', metavar='PKL|URL', type=str)
+@click.option('--guidance',      help='DMD/SiD: autoguidance weight w of --guide-net (EDM2 img64-S: 1.7)', metavar='FLOAT', type=options.Float(min=0))
 @click.option('--alpha',         help='SiD: loss weight, (y_r-y_f).(y_r-x) - alpha*|y_r-y_f|^2', metavar='FLOAT', type=options.Float(), default=1.2)
 @click.option('--t-max',         help='SiD: generator-loss noise levels t ~ U[0, t_max/1000] on the Karras map', metavar='INT', type=options.Int(1, 1000), default=800)
 @click.option('--g-beta1',       help='SiD: generator Adam beta1 (the fake score\'s is 0)', metavar='FLOAT', type=options.Float(0, 1, max_open=True), default=0)
@@ -461,6 +481,7 @@ METHODS = {'edm': setup_edm, 'dmd': setup_dmd, 'kd': setup_kd, 'pd': setup_pd, '
 @click.option('--lr',            help='Learning rate  [default: varies]', metavar='FLOAT', type=options.Float(min=0, min_open=True))
 @click.option('--lr-rampup',     help='Learning-rate warm-up  [default: edm 10000, else 0; pd: none]', metavar='KIMG', type=options.Float(min=0))
 @click.option('--ema',           help='EMA half-life  [default: varies]', metavar='MIMG', type=options.Float(min=0))
+@click.option('--phema',         help='Post-hoc EMA: track power-function profiles of these relative stds (EDM2: 0.050,0.100); reconstruct_phema.py makes any other', metavar='LIST', type=str, callback=parse_phema)
 @click.option('--precision',     help='Precision of every network  [default: bf16 on CUDA for distillation (SiD: fp32 to 32x32, fp16 from 64x64), else fp32]', type=click.Choice(['fp32', 'bf16', 'fp16']))
 @click.option('--fp16',          help='EDM\'s flag: the same as --precision=fp16', metavar='BOOL', type=bool, default=False)
 @click.option('--ls',            help='Static fp16 loss scale, as EDM  [default: dynamic]', metavar='FLOAT', type=options.Float(min=0, min_open=True))
@@ -572,6 +593,7 @@ def _main(opts):
                     _check_pairs(c.method_kwargs, opts.teacher, teacher)
             elif not dnnlib.util.is_url(opts.teacher) and not os.path.isfile(opts.teacher):
                 raise click.ClickException(f'--teacher: no such file "{opts.teacher}"')
+        _setup_autoguidance(opts, c, ds, teacher if opts.teacher is not None and not opts.dry_run else None)
     if opts.deterministic and device.type == 'cuda' and c.method_kwargs.get('pairs') and c.method_kwargs.reg_loss == 'lpips':
         raise click.ClickException('--deterministic: LPIPS upsamples bilinearly, whose CUDA backward has no '
                                    'deterministic kernel; use --reg-loss=l2 or pseudo_huber, or drop --deterministic')
@@ -585,6 +607,8 @@ def _main(opts):
     c.cudnn_benchmark = opts.bench and not opts.deterministic
     if opts.deterministic:  # recorded only when on, so that runs from before the option resume
         c.deterministic = True
+    if opts.phema is not None:
+        c.phema_stds = opts.phema
     if opts.tensorboard:
         try:
             importlib.import_module('torch.utils.tensorboard')  # needs the tensorboard package
@@ -712,6 +736,26 @@ def _check_network(option, path, ds, trust):
             raise click.ClickException(f'{option}: network is {got[0]}x{got[0]}x{got[1]} with {got[2]} labels, but the data '
                                        f'is {want[0]}x{want[0]}x{want[1]} with {want[2]} labels; pick a matching network or dataset')
     return net
+
+
+def _setup_autoguidance(opts, c, ds, teacher):
+    """--guide-net/--guidance: the one-step methods' real score becomes the autoguided pair (EDM2) D_g.lerp(D, w)."""
+    if opts.guide_net is None:
+        if opts.guidance is not None:
+            raise click.ClickException('--guidance is the autoguidance weight of --guide-net: give --guide-net=PKL too')
+        return
+    if opts.method not in ('dmd', 'sid'):
+        raise click.ClickException(f'--guide-net autoguides the real score of --method=dmd or sid; drop it for --method={opts.method}')
+    if opts.guidance is None:
+        raise click.ClickException('--guide-net needs --guidance=W, the autoguidance weight (EDM2 img64-S with XS: 1.7)')
+    c.guide_net = opts.guide_net
+    c.method_kwargs.guidance = opts.guidance
+    if teacher is not None:
+        guide = _check_network('--guide-net', opts.guide_net, ds, opts.trust_pickle)
+        got, want = [(n.img_resolution, n.img_channels, n.label_dim) for n in (guide, teacher)]
+        if got != want:
+            raise click.ClickException(f'--guide-net is {got[0]}x{got[0]}x{got[1]} with {got[2]} labels, the teacher '
+                                       f'{want[0]}x{want[0]}x{want[1]} with {want[2]}: pick a guiding network of the same task')
 
 
 def _check_transfer(c, ds, source):

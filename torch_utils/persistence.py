@@ -10,6 +10,7 @@ from its recorded constructor arguments and filled with the stored tensors. `all
 behaviour of executing the embedded source, for files the user trusts.
 """
 
+import ast
 import collections
 import copy
 import importlib
@@ -177,11 +178,49 @@ _safe_classes = {
 }
 
 
+# EDM2's persisted class names (generic ones such as Precond and UNet) -> (this project's class, the classes the
+# embedded module source must define). A name is rebuilt as EDM2's only if its source is EDM2's module of that name.
+_EDM2_NETWORKS = frozenset(['Precond', 'UNet', 'Block', 'MPConv', 'MPFourier'])
+_edm2_classes = {
+    **{name: (f'training.networks_edm2.{name}', _EDM2_NETWORKS) for name in _EDM2_NETWORKS},
+    'StandardRGBEncoder':   ('training.networks_edm2.StandardRGBEncoder', frozenset(['StandardRGBEncoder'])),
+    'EDM2Loss':             ('training.networks_edm2.EDM2Loss', frozenset(['EDM2Loss'])),
+}
+_defined_classes_cache = dict()
+
+
+def _defined_classes(module_src):
+    """The top-level class names an embedded module source defines, read with ast (parsed, never executed)."""
+    if module_src not in _defined_classes_cache:
+        try:
+            tree = ast.parse(module_src)
+        except (SyntaxError, ValueError, RecursionError, MemoryError) as e:  # ast's reports on text that is not Python
+            raise PickleLoadError(f'embedded module source does not parse ({_summary(e)})') from None
+        _defined_classes_cache[module_src] = frozenset(n.name for n in tree.body if isinstance(n, ast.ClassDef))
+    return _defined_classes_cache[module_src]
+
+
+def _safe_class_name(class_name, module_src):
+    """This project's class for a persisted (class name, module source), or None: EDM2's names need EDM2's source."""
+    if class_name in _edm2_classes:
+        target, needed = _edm2_classes[class_name]
+        if not isinstance(module_src, str):
+            raise PickleLoadError(f'persisted {class_name} has no embedded module source')
+        if needed <= _defined_classes(module_src):
+            return target
+        if class_name not in _safe_classes:
+            raise UnsafePickleError(f'persisted class "{class_name}" comes from a module that is not EDM2\'s '
+                                    f'(its source does not define {sorted(needed)}); {_trust_hint}')
+    return _safe_classes.get(class_name)
+
+
 class _Persisted:
-    """Stand-in for a persisted object while unpickling: its class name and pickled __dict__, nothing executed."""
-    def __init__(self, class_name, state):
+    """Stand-in for a persisted object while unpickling: its class name and pickled __dict__, nothing executed;
+    `target` is the dotted name of the project class it becomes."""
+    def __init__(self, class_name, state, target):
         self.class_name = class_name
         self.state = state
+        self.target = target
 
 
 def _reconstruct_safely(meta):
@@ -189,11 +228,12 @@ def _reconstruct_safely(meta):
     if not isinstance(meta, dict) or meta.get('type') != 'class' or meta.get('version') != _version:
         raise PickleLoadError('persistent object with unsupported meta (expected type "class", version 6)')
     class_name, state = meta.get('class_name'), meta.get('state')
-    if class_name not in _safe_classes:
+    target = _safe_class_name(class_name, meta.get('module_src'))
+    if target is None:
         raise UnsafePickleError(f'persisted class "{class_name}" is not one the safe loader can rebuild; {_trust_hint}')
     if not isinstance(state, dict):
         raise PickleLoadError(f'persisted {class_name} has no state dict')
-    return _Persisted(class_name, state)
+    return _Persisted(class_name, state, target)
 
 
 # What the unpickler and the allow-listed rebuilders raise on garbled bytes (no other code runs while unpickling).
@@ -392,7 +432,7 @@ def _build(p):
     args, kwargs = state.get('_init_args'), state.get('_init_kwargs')
     if not isinstance(args, tuple) or not isinstance(kwargs, dict) or not _is_plain(args) or not _is_plain(kwargs):
         raise PickleLoadError(f'persisted {p.class_name} lacks plain-data constructor arguments (_init_args/_init_kwargs)')
-    cls = dnnlib.util.get_obj_by_name(_safe_classes[p.class_name])
+    cls = dnnlib.util.get_obj_by_name(p.target)
     tensors = dict()
     _gather_tensors(state, '', tensors)
     # The bytes the file really holds for them: each distinct storage once (tensors may be views of one storage).
@@ -404,7 +444,7 @@ def _build(p):
     except PickleLoadError:
         raise
     except _CONSTRUCTION_ERRORS as e:  # stored arguments this project's class does not take or rejects
-        raise PickleLoadError(f'cannot construct {_safe_classes[p.class_name]} from the stored arguments ({_summary(e)})') from None
+        raise PickleLoadError(f'cannot construct {p.target} from the stored arguments ({_summary(e)})') from None
     if isinstance(shell, torch.nn.Module):
         expected = shell.state_dict()
         problems = [f'missing {k}' for k in expected if k not in tensors]
@@ -412,10 +452,11 @@ def _build(p):
         problems += [f'{k} has shape {list(t.shape)}, expected {list(expected[k].shape)}'
                      for k, t in tensors.items() if k in expected and t.shape != expected[k].shape]
         if problems:
-            raise PickleLoadError(f'stored weights of {p.class_name} do not match training.networks '
+            raise PickleLoadError(f'stored weights of {p.class_name} do not match {p.target} '
                                   f'({len(problems)} problems: {"; ".join(problems[:3])})')
     obj = cls(*args, **kwargs)  # for real: as large as the shell, which the stored bytes bound
     if isinstance(obj, torch.nn.Module):
+        _to_stored_dtype(obj, tensors)
         obj.load_state_dict(tensors, strict=True)
         for name, param in obj.named_parameters():
             param.requires_grad_(tensors[name].requires_grad)  # EDM's ema copies are frozen
@@ -427,6 +468,14 @@ def _build(p):
                 raise PickleLoadError(f'persisted {p.class_name} sets "{name}", which its class defines')
             setattr(obj, name, value)
     return obj
+
+
+def _to_stored_dtype(module, tensors):
+    """A network whose stored tensors all have one floating dtype (EDM2's float16 `ema`) is rebuilt in it, so that
+    it computes exactly as the file's own code would (EDM2's gains are applied in float16)."""
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        module.to(dtypes.pop())
 
 
 def _materialize(obj, memo, depth=0):

@@ -222,8 +222,9 @@ _edm_grid_keys = ('S_churn', 'S_min', 'S_max', 'S_noise', 'discretization', 'sch
 
 
 def sampler_settings(net, **overrides):
-    """EDM defaults <- net.sampling_spec <- overrides that are not None; validated. The default noise-level range
-    is the discretization's (EDM's generate.py: 0.002 to 80 for 'edm')."""
+    """EDM defaults <- the discretization's noise-level range (EDM's generate.py: 0.002 to 80 for 'edm') <- the
+    network family's defaults (net.sampler_defaults, e.g. EDM2's 32 steps) <- net.sampling_spec <- overrides that
+    are not None; validated."""
     spec = dict(getattr(net, 'sampling_spec', None) or {})
     given = {**spec, **{k: v for k, v in overrides.items() if v is not None}}
     unknown = sorted(set(given) - set(_defaults))
@@ -231,7 +232,8 @@ def sampler_settings(net, **overrides):
         raise ValueError(f'Unknown sampler setting(s) {unknown}; valid keys are {sorted(_defaults)}')
     disc = given.get('discretization', _defaults['discretization'])
     check_choices(discretization=disc)
-    s = {**_defaults, **dict(zip(('sigma_min', 'sigma_max'), DISCRETIZATION_RANGE[disc])), **given}
+    s = {**_defaults, **dict(zip(('sigma_min', 'sigma_max'), DISCRETIZATION_RANGE[disc])),
+         **getattr(net, 'sampler_defaults', {}), **given}
     check_choices(**{name: s[name] for name in CHOICES})
     if s['grid'] not in ('edm', 'nested'):
         raise ValueError(f'Unknown grid "{s["grid"]}" (use \'edm\' or \'nested\')')
@@ -271,3 +273,30 @@ def require_finite(x, seeds):
     more = f' and {len(bad) - 10} more' if len(bad) > 10 else ''
     raise ValueError(f'Sampling gave non-finite values for seed(s) {", ".join(bad[:10])}{more}; nothing was written '
                      f'for them: check the network\'s weights and the sampler settings')
+
+# ----------------------------------------------------------------------------
+# Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"): the denoiser
+# D_w = D_g + w (D - D_g), with D_g a weaker network of the same task (EDM2: img64-S guided by an early img64-XS).
+
+class Autoguided(torch.nn.Module):
+    """A denoiser pair (net, gnet) with guidance weight w, sampled like one network; w = 1 calls net only (EDM2)."""
+    def __init__(self, net, gnet, guidance):
+        super().__init__()
+        ours, theirs = [(n.img_resolution, n.img_channels, n.label_dim) for n in (net, gnet)]
+        if ours != theirs:
+            raise ValueError(f'The guiding network has (resolution, channels, label_dim) {theirs}, the network {ours}: '
+                             f'pick a guiding network of the same task')
+        self.net, self.gnet, self.guidance = net, gnet, guidance
+        self.img_resolution, self.img_channels, self.label_dim = ours
+        self.sigma_min, self.sigma_max = max(net.sigma_min, gnet.sigma_min), min(net.sigma_max, gnet.sigma_max)
+        self.use_fp16 = getattr(net, 'use_fp16', False)
+        self.sampler_defaults = getattr(net, 'sampler_defaults', {})
+
+    def round_sigma(self, sigma):
+        return self.net.round_sigma(sigma)
+
+    def forward(self, x, sigma, class_labels=None, **model_kwargs):
+        D = self.net(x, sigma, class_labels, **model_kwargs).to(torch.float32)
+        if self.guidance == 1:
+            return D
+        return self.gnet(x, sigma, class_labels, **model_kwargs).to(torch.float32).lerp(D, self.guidance)

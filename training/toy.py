@@ -177,11 +177,13 @@ def fit_denoiser(net, gmm, num_steps, batch_size=128, lr=2e-3, p_uncond=0.1, p_l
     all-zero and the target is the unconditional D*, so the zero label of the fitted net means "unconditional"
     (build the net with label_dropout=p_uncond so that its pickle says so). The net runs in eval mode: labels are
     dropped here, with their exact targets, so the net's own label dropout must not fire (toy nets have no dropout).
-    Learning rate: linear warm-up over the first 5% of steps, then cosine decay to 0.
+    Learning rate: linear warm-up over the first 5% of steps, then cosine decay to 0. An EDM2 network keeps
+    unit-norm weights (forced weight normalisation after every update).
     """
     if net.label_dim not in (0, gmm.label_dim):
         raise ValueError(f'The net has label_dim={net.label_dim}, the exact denoiser {gmm.label_dim}: build both '
                          f'conditional (label_dim=num_components) or the net unconditional (label_dim=0)')
+    from training import networks_edm2  # here, not at the top: this module's source is embedded in pickles
     device = gmm.means.device
     generator = torch.Generator(device).manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -215,6 +217,7 @@ def fit_denoiser(net, gmm, num_steps, batch_size=128, lr=2e-3, p_uncond=0.1, p_l
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        networks_edm2.force_weight_normalization(net)  # EDM2 networks: unit-norm weights after every update
         yield step, loss.item()
 
 # ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed, misc, persistence, training_stats
-from training import networks, optim
+from training import networks, networks_edm2, optim, phema
 from training.batching import IndexStream, RankSampler, Round, StepRandom
 
 # ----------------------------------------------------------------------------
@@ -175,6 +175,7 @@ def _training_loop(
     dataset_kwargs      = None,     # training.dataset.ImageFolderDataset keywords, or None for data-free methods
     data_loader_kwargs  = {},       # torch.utils.data.DataLoader keywords
     teacher             = None,     # teacher network pickle (path or URL), for distillation
+    guide_net           = None,     # guiding network pickle for an autoguided teacher (methods that take guide_net)
     transfer            = None,     # network pickle whose weights initialise the trained network
     trust_pickle        = False,    # allow code embedded in pickles to run (trusted files only)
     seed                = 0,        # global seed: weights, data order, noise
@@ -189,6 +190,7 @@ def _training_loop(
     metrics             = [],       # in-training metrics computed at each snapshot
     metric_kwargs       = {},       # keywords of the metric functions (ref, detector, ...)
     tensorboard         = False,    # also write the statistics as TensorBoard event files (rank 0)
+    phema_stds          = None,     # post-hoc EMA: stds of the power-function profiles to track (EDM2: [0.05, 0.1])
     cudnn_benchmark     = True,
     device              = torch.device('cpu'),
 ):
@@ -211,7 +213,7 @@ def _training_loop(
     # Networks: built under the global seed on every rank, so initial weights do not depend on world size.
     distributed.print0('Constructing method...')
     torch.manual_seed(seed)
-    load = lambda path: persistence.load_network_pkl(path, allow_code=trust_pickle).to(device)
+    load = lambda path: _widen_float16(persistence.load_network_pkl(path, allow_code=trust_pickle).to(device))
     extra = {}
     if teacher is not None:
         extra['teacher'] = load(teacher).eval().requires_grad_(False)
@@ -224,9 +226,13 @@ def _training_loop(
         extra['run_dir'] = run_dir  # for methods that write files of their own (DisBack's recorded path)
     if takes('seed'):
         extra['seed'] = seed  # for methods with fixed orders of their own (DMD's regression pairs)
+    if guide_net is not None:
+        extra['guide_net'] = load(guide_net)
     method = dnnlib.util.construct_class_by_name(**method_kwargs, device=device, batch_size=batch_size, **extra)
     for net in method.networks().values():
         misc.broadcast_module(net)
+        networks_edm2.force_weight_normalization(net)  # EDM2 networks being trained start normalised
+    phema_tracker = phema.PowerFunctionEMA(_tracked(method), phema_stds) if phema_stds else None
 
     # Counters, possibly from a training state.
     cur_nimg = 0
@@ -238,6 +244,7 @@ def _training_loop(
         distributed.print0(f'Resuming from "{path}"...')
         state = torch.load(path, map_location='cpu', weights_only=True)
         method.load_state_dict(state['method'])
+        _resume_phema(phema_tracker, state, path)
         cur_nimg, cur_tick, tick_start_nimg, step = state['cur_nimg'], state['cur_tick'], state['tick_start_nimg'], state['step']
         if state['world_size'] == world_size:
             _set_rng_state(state['rng'][rank], device)
@@ -306,6 +313,10 @@ def _training_loop(
             method.step(rounds, cur_nimg)
             cur_nimg += batch_size
             step += 1
+            if phema_tracker is not None:
+                phema_tracker.update(_tracked(method), cur_nimg, batch_size)
+            for net in method.networks().values():  # after the EMAs have seen the update, as in EDM2
+                networks_edm2.force_weight_normalization(net)
 
             done = cur_nimg >= total_kimg * 1000
             wanted = hasattr(method, 'wants_snapshot') and method.wants_snapshot()  # e.g. the end of a PD round
@@ -340,12 +351,12 @@ def _training_loop(
 
             is_snapshot = snapshot_ticks is not None and (done or wanted or cur_tick % snapshot_ticks == 0)
             if is_snapshot:
-                if not _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, preview_grid, rank):
+                if not _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, preview_grid, rank, phema_tracker):
                     raise dnnlib.util.RunError(_diverged_message('the generator\'s samples are not finite', run_dir, cur_nimg))
                 with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
                     _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device)
             if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0):
-                _save_state(method, run_dir, cur_nimg, cur_tick + 1, cur_nimg, step, device)
+                _save_state(method, run_dir, cur_nimg, cur_tick + 1, cur_nimg, step, device, phema_tracker)
 
             stats = training_stats.collect(device)
             if rank == 0:
@@ -362,7 +373,7 @@ def _training_loop(
             maintenance_time = tick_start_time - tick_end_time
 
         if stop:
-            path = _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, device)
+            path = _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, device, phema_tracker)
             distributed.print0(f'\nReceived {_stop_signal or "a stop request on another rank"}: '
                                f'training state written to "{path}"; resume with --resume={run_dir}')
             return False
@@ -415,9 +426,9 @@ def _write_tensorboard(writer, stats, cur_nimg):
     writer.flush()
 
 
-def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, preview_grid, rank):
+def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, preview_grid, rank, phema_tracker=None):
     """Rank 0 samples the grid, then writes the snapshot and the preview PNG, unless a sample is not finite:
-    returns (on every rank) whether it wrote."""
+    returns (on every rank) whether it wrote. With post-hoc EMA, also one snapshot per tracked profile."""
     ok = True
     if rank == 0:
         rows = method.preview(*grid) if hasattr(method, 'preview') else [method.sample(*grid)]
@@ -429,11 +440,46 @@ def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, preview_grid
     data = method.snapshot()
     data['dataset_kwargs'] = dict(dataset_kwargs) if dataset_kwargs is not None else None  # a plain dict, as EDM's
     _write_pickle(data, os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pkl'))
+    if phema_tracker is not None:
+        _save_phema_snapshots(phema_tracker, data, run_dir, cur_nimg)
     if preview_grid:
         n = rows[0].shape[0]
         w = next(d for d in range(max(math.isqrt(n), 1), n + 1) if n % d == 0)  # each kind a w-wide block, stacked
         misc.save_image_grid(torch.cat([r.cpu() for r in rows]), os.path.join(run_dir, f'fakes-{cur_nimg // 1000:06d}.png'), grid_w=w)
     return True
+
+
+def _widen_float16(net):
+    """EDM2's float16 files widened to float32 (exactly): networks train in float32, precision is the run's autocast."""
+    if any(t.dtype == torch.float16 for t in net.state_dict().values()):
+        net = net.float()
+    return net
+
+
+def _tracked(method):
+    """The network post-hoc EMA averages: the method's first network (the one being trained: net, G, student)."""
+    return next(iter(method.networks().values()))
+
+
+def _resume_phema(tracker, state, path):
+    """The tracked profiles from a training state: part of exact resume; a mismatch with --phema is a one-line error."""
+    if tracker is None:
+        return
+    if 'phema' not in state:
+        raise dnnlib.util.RunError(f'"{path}" has no post-hoc EMA profiles (written without --phema): resume without '
+                                   f'--phema, or start a new run')
+    try:
+        tracker.load_state_dict(state['phema'])
+    except ValueError as e:
+        raise dnnlib.util.RunError(f'"{path}": {e}') from None
+
+
+def _save_phema_snapshots(tracker, data, run_dir, cur_nimg):
+    """network-snapshot-KIMG-STD.pkl per tracked profile: the snapshot with its 'ema' network holding that profile
+    (buffers and attributes as in the snapshot), and 'phema' = {std, nimg} for the reconstruction (phema.py)."""
+    for index, std in enumerate(tracker.stds):
+        profile = dict(data, ema=tracker.profile_net(index, data['ema']).cpu(), phema=dict(std=std, nimg=cur_nimg))
+        _write_pickle(profile, os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}-{std:.3f}.pkl'))
 
 
 def _divergence(health, method):
@@ -474,7 +520,7 @@ def _health_fields(health):
     return fields
 
 
-def _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, device):
+def _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, device, phema_tracker=None):
     """All ranks contribute their RNG state; rank 0 writes. Returns the path. No barrier after the write: no other
     rank reads the file, and a barrier would only move their wait for rank 0 (up to the collective timeout of
     torch_utils/distributed.py) from their next collective to here."""
@@ -487,6 +533,8 @@ def _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, devi
     if distributed.get_rank() == 0:
         state = dict(method=method.state_dict(), cur_nimg=cur_nimg, cur_tick=cur_tick, tick_start_nimg=tick_start_nimg,
                      step=step, world_size=distributed.get_world_size(), rng=rng)
+        if phema_tracker is not None:
+            state['phema'] = phema_tracker.state_dict()
         _write_state(state, path)
     return path
 

@@ -22,7 +22,7 @@ from torch_utils import distributed, training_stats
 from training import optim
 from training.batching import IndexStream
 from training.ema import EMA
-from training.samplers import karras_sigma
+from training.samplers import Autoguided, karras_sigma
 
 # ----------------------------------------------------------------------------
 
@@ -57,7 +57,8 @@ class Bottleneck:
     def __init__(self, net):
         self.net = net
         self.armed = False
-        list(net.model.enc.values())[-1].register_forward_hook(self._hook)
+        backbone = net.unet if hasattr(net, 'unet') else net.model  # EDM2's UNet or EDM's backbone
+        list(backbone.enc.values())[-1].register_forward_hook(self._hook)
 
     def _hook(self, _module, _inputs, output):
         if self.armed:
@@ -106,6 +107,8 @@ class DMD:
         ema_halflife_kimg = None,       # generator EMA half-life, None = no EMA (DMD2's official code has none)
         ema_rampup_ratio  = 0.05,
         preview_sigma   = 2.5,          # noise level at which preview rows show the real and fake scores' denoising
+        guide_net       = None,         # autoguidance (EDM2): the real score is guide_net.lerp(teacher, guidance)
+        guidance        = 1.0,          # autoguidance weight w (1 = the teacher alone)
     ):
         self.device = device
         self.batch_size = batch_size
@@ -130,6 +133,8 @@ class DMD:
 
         # Networks: eval mode throughout (no dropout; EDM networks have no batch statistics).
         self.real = teacher.eval().requires_grad_(False)
+        if guide_net is not None:  # G and mu_fake still start from the teacher alone
+            self.real = Autoguided(self.real, guide_net.eval().requires_grad_(False), guidance)
         self.fake = copy.deepcopy(teacher).eval().requires_grad_(True)
         self.G = copy.deepcopy(teacher).eval().requires_grad_(True)
         self.G.sampling_spec = dict(solver='euler', grid='nested', num_steps=1, sigma_min=sigma_min, sigma_max=self.sigma_init, rho=rho)

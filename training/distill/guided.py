@@ -26,7 +26,7 @@ import copy
 import torch
 
 from torch_utils import distributed, persistence, training_stats
-from training import networks, optim
+from training import networks, networks_edm2, optim
 from training.dataset import check_network_matches
 from training.ema import EMA
 from training.samplers import edm_sampler, karras_sigma
@@ -35,10 +35,12 @@ from training.samplers import edm_sampler, karras_sigma
 
 def make_guided_student(teacher):
     """A copy of the teacher's network (this project's class) with a zero-initialised guidance embedding."""
-    cls = getattr(networks, type(teacher).__name__)
+    edm2 = isinstance(teacher, networks_edm2.Precond)
+    cls = type(teacher) if edm2 else getattr(networks, type(teacher).__name__)
     student = cls(*teacher.init_args, **dict(teacher.init_kwargs, guidance_embed=True))
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith('model.map_guidance') for k in missing), (missing, unexpected)
+    new = 'unet.emb_guidance' if edm2 else 'model.map_guidance'
+    assert not unexpected and all(k.startswith(new) for k in missing), (missing, unexpected)
     return student.to(next(teacher.parameters()).device)
 
 
@@ -49,6 +51,8 @@ def check_teacher(teacher, dataset):
     if not teacher.label_dim:
         raise ValueError('Guided distillation needs a class-conditional teacher (label_dim > 0); this one is unconditional')
     check_network_matches(teacher, dataset, 'pick matching ones (--cond=1)')
+    if isinstance(teacher, networks_edm2.Precond):
+        return
     if getattr(teacher, 'model', None) is None or getattr(networks, type(teacher).__name__, None) is None:
         raise ValueError(f'Guided distillation builds its student from a training.networks preconditioner, not a '
                          f'{type(teacher).__name__}; pass a network pickle (e.g. toy/default/teacher-unet.pkl, not '
@@ -61,7 +65,7 @@ CIFAR10_UNCOND = 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32
 
 def check_null_guide(teacher):
     """The zero label is an unconditional model only if the teacher was trained with label dropout."""
-    if not getattr(teacher.model, 'label_dropout', 0):
+    if not getattr(getattr(teacher, 'model', None), 'label_dropout', 0):  # EDM2 networks have none
         raise ValueError(f'The null guide (--guide=null) takes the teacher\'s zero label as the unconditional model, '
                          f'but this teacher was trained without label dropout (label_dropout=0, like every official EDM '
                          f'network); pass an unconditional network, --guide=PKL|URL, e.g. {CIFAR10_UNCOND} for CIFAR-10')

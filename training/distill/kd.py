@@ -27,7 +27,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed, training_stats
-from training import optim
+from training import networks_edm2, optim
 from training.dataset import check_network_matches
 from training.ema import EMA
 from training.teacher import EDM
@@ -59,20 +59,27 @@ def _init_kwargs(module):
                          f'built from training.networks (e.g. an EDM snapshot read by persistence.load_network_pkl)')
     orig_class = type(module).__bases__[0]  # the class under the persistent_class decorator
     bound = inspect.signature(orig_class.__init__).bind(None, *module.init_args, **module.init_kwargs)
-    kwargs = {name: value for name, value in bound.arguments.items() if name not in ('self', 'model_kwargs')}
-    return {**kwargs, **bound.arguments.get('model_kwargs', {})}
+    rest = ('model_kwargs', 'unet_kwargs')  # EDM's and EDM2's **kwargs for the backbone
+    kwargs = {name: value for name, value in bound.arguments.items() if name not in ('self', *rest)}
+    return {**kwargs, **{k: v for name in rest for k, v in bound.arguments.get(name, {}).items()}}
+
+
+def _backbone(net):
+    """(state-dict prefix, backbone module): EDM's `model` or EDM2's `unet`."""
+    return ('unet', net.unet) if isinstance(net, networks_edm2.Precond) else ('model', getattr(net, 'model', None))
 
 
 # The full configuration of a preconditioner's backbone: its recorded keywords over the signature's defaults.
 def backbone_config(net):
-    precond, backbone = type(net).__name__, type(getattr(net, 'model', None)).__name__
-    if precond not in ('VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'EDMPrecond') or backbone not in ('SongUNet', 'DhariwalUNet'):
-        raise ValueError(f'KD compresses VP/VE/iDDPM/EDMPrecond networks with a SongUNet or DhariwalUNet backbone; '
-                         f'the teacher is a {precond} with a {backbone} backbone')
-    orig_class = type(net.model).__bases__[0]
+    precond, backbone = type(net).__name__, type(_backbone(net)[1]).__name__
+    if (precond, backbone) != ('Precond', 'UNet') and (precond not in ('VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'EDMPrecond')
+                                                     or backbone not in ('SongUNet', 'DhariwalUNet')):
+        raise ValueError(f'KD compresses EDM2 networks and VP/VE/iDDPM/EDMPrecond networks with a SongUNet or '
+                         f'DhariwalUNet backbone; the teacher is a {precond} with a {backbone} backbone')
+    orig_class = type(_backbone(net)[1]).__bases__[0]
     defaults = {name: p.default for name, p in inspect.signature(orig_class.__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    return dnnlib.EasyDict({'mid_blocks': True, **defaults, **_init_kwargs(net.model)})
+    return dnnlib.EasyDict({'mid_blocks': True, **defaults, **_init_kwargs(_backbone(net)[1])})
 
 # ----------------------------------------------------------------------------
 # Building a student.
@@ -90,6 +97,10 @@ def student_config(teacher, variant=None, num_blocks=None):
         raise ValueError(f'num_blocks={k} must be between 1 and the teacher\'s {n} blocks per level')
     kwargs = _init_kwargs(teacher)
     kwargs.update(num_blocks=k)
+    edm2 = isinstance(teacher, networks_edm2.Precond)
+    if edm2 and variant in ('small', 'tiny'):
+        raise ValueError(f'KD variant "{variant}" removes the in0/in1 decoder blocks, which EDM2\'s UNet always has; '
+                         f'use base or num_blocks')
     if variant in ('small', 'tiny'):
         kwargs.update(mid_blocks=False)
     if variant == 'tiny':
@@ -106,14 +117,15 @@ def student_config(teacher, variant=None, num_blocks=None):
     if variant is not None and (k, mid_blocks, levels) == (n, cfg.mid_blocks, len(channel_mult)):
         raise ValueError(f'KD variant "{variant}" removes nothing from this teacher ({n} blocks per level'
                          f'{"" if cfg.mid_blocks else ", no in0/in1"}); pick a smaller variant or num_blocks')
-    return dnnlib.EasyDict(class_name=f'training.networks.{type(teacher).__name__}', **kwargs)
+    module = 'training.networks_edm2' if edm2 else 'training.networks'
+    return dnnlib.EasyDict(class_name=f'{module}.{type(teacher).__name__}', **kwargs)
 
 
 # The teacher state-dict key a student key is copied from: the student's last decoder block k <- the teacher's n.
 def teacher_key(key, k, n):
-    m = re.fullmatch(r'model\.dec\.(\d+x\d+)_block(\d+)\.(.+)', key)
-    if m is not None and int(m.group(2)) == k:
-        return f'model.dec.{m.group(1)}_block{n}.{m.group(3)}'
+    m = re.fullmatch(r'(model|unet)\.dec\.(\d+x\d+)_block(\d+)\.(.+)', key)
+    if m is not None and int(m.group(3)) == k:
+        return f'{m.group(1)}.dec.{m.group(2)}_block{n}.{m.group(4)}'
     return key
 
 
@@ -147,11 +159,12 @@ def make_student(teacher, variant=None, num_blocks=None):
 # (student module, teacher module) names: each student level's last encoder block and last decoder block.
 def feature_pairs(student, teacher):
     s, t = backbone_config(student), backbone_config(teacher)
+    p = _backbone(student)[0]
     pairs = []
     for level in range(len(s.channel_mult)):
         r = student.img_resolution >> level
-        pairs.append((f'model.enc.{r}x{r}_block{s.num_blocks - 1}', f'model.enc.{r}x{r}_block{t.num_blocks - 1}'))
-        pairs.append((f'model.dec.{r}x{r}_block{s.num_blocks}', f'model.dec.{r}x{r}_block{t.num_blocks}'))
+        pairs.append((f'{p}.enc.{r}x{r}_block{s.num_blocks - 1}', f'{p}.enc.{r}x{r}_block{t.num_blocks - 1}'))
+        pairs.append((f'{p}.dec.{r}x{r}_block{s.num_blocks}', f'{p}.dec.{r}x{r}_block{t.num_blocks}'))
     return pairs
 
 
@@ -231,7 +244,7 @@ class KD(EDM):
         self.net = make_student(teacher, variant, num_blocks).train().requires_grad_(True).to(device)
         self.pairs = feature_pairs(self.net, teacher)
         self.loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
-        takes_augment = getattr(teacher.model, 'map_augment', None) is not None  # only teachers trained with augment labels
+        takes_augment = getattr(_backbone(teacher)[1], 'map_augment', None) is not None  # only teachers trained with augment labels
         self.augment_pipe = dnnlib.util.construct_class_by_name(**augment_kwargs) if augment_kwargs and takes_augment else None
         self.lr = optimizer_kwargs['lr']
         self.optimizer = optim.Updater(self.net.parameters(), 'net', max_grad_norm=max_grad_norm, **optimizer_kwargs)

@@ -148,6 +148,8 @@ class SiD(DMD):
         sigma_min       = 0.002,        # Karras map of the generator-loss noise levels
         sigma_max       = 80.0,
         rho             = 7.0,
+        guide_net       = None,         # autoguidance (EDM2): the real score is guide_net.lerp(teacher, guidance)
+        guidance        = 1.0,          # autoguidance weight w (1 = the teacher alone)
     ):
         if not 0 < t_max <= 1000:
             raise ValueError(f't_max must be in (0, 1000], not {t_max}')
@@ -160,7 +162,8 @@ class SiD(DMD):
                              f'copies cannot be told what was augmented; use --augment=0')
         super().__init__(teacher, device, batch_size, dataset=dataset, sigma_init=sigma_init, lr=lr, fake_lr=fake_lr,
                          fake_sigma=fake_sigma, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-                         ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio)
+                         ema_halflife_kimg=ema_halflife_kimg, ema_rampup_ratio=ema_rampup_ratio,
+                         guide_net=guide_net, guidance=guidance)
         # SiD's optimizers: Adam (no decay), betas (g_beta1 | 0, 0.999); SiDA clips f_psi's gradients by value at 1.
         adam = dict(class_name='torch.optim.Adam', eps=eps, max_grad_norm=max_grad_norm)
         self.opt_G = optim.Updater(self.G.parameters(), 'G', lr=self.lr, betas=(g_beta1, 0.999), **adam)
