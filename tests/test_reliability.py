@@ -475,6 +475,8 @@ LOCK_HOLDER = 'import sys, time; from training import run_dir; f = run_dir.lock(
 @pytest.mark.parametrize('case', ['second nosubdir run', 'second resume', 'holder killed'])
 def test_run_directory_lock(files, base_run, tmp_path, case):
     run_dir = Path(shutil.copytree(base_run, tmp_path / 'run'))
+    if case == 'second nosubdir run':  # the holder is a run starting in a fresh directory (a run's own is refused)
+        os.remove(run_dir / 'training_options.json')
     holder = subprocess.Popen([sys.executable, '-c', LOCK_HOLDER, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == 'locked\n'
@@ -598,3 +600,19 @@ def test_transfer_copies_the_matching_tensors(files, base_run, tmp_path, monkeyp
         theirs = persistence.load(f)['ema'].state_dict()
     assert sorted(set(net) - set(theirs)) == ['model.map_augment.weight']
     assert all(torch.equal(net[k], theirs[k]) for k in theirs)
+
+# ----------------------------------------------------------------------------
+# A new run into a directory that holds a run (issue 26 I): refused up front, the old run intact and resumable.
+
+@pytest.mark.parametrize('case', ['finished run', 'stopped run'])
+def test_new_run_into_a_run_directory_is_refused(files, base_run, tmp_path, case):
+    run_dir = Path(shutil.copytree(base_run, tmp_path / 'run'))
+    if case == 'stopped run':  # a run stopped before its first state: its options and log alone
+        for name in os.listdir(run_dir):
+            if name not in ('training_options.json', 'log.txt', '.lock'):
+                os.remove(run_dir / name)
+    before = contents(run_dir)
+    r = invoke(f'--outdir={run_dir}', *[a.format(data=files / 'cond.zip') for a in BASE])
+    assert r.exit_code == 1 and r.output.startswith(f'Error: --outdir: "{run_dir}" holds a run'), r.output
+    assert 'use --resume, or another --outdir' in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert contents(run_dir) == before  # nothing written, not even the lock
