@@ -307,10 +307,7 @@ def _training_loop(
 
             # Tick: progress, statistics, snapshot, state; nothing is written once the run has diverged.
             tick_end_time = time.time()
-            health = training_stats.collect(device, prefix=('Loss/', 'Health/'), reset=False)
-            reason = _divergence(health, method)
-            if reason is not None:
-                raise dnnlib.util.RunError(_diverged_message(reason, run_dir, cur_nimg))
+            health = _check_divergence(method, run_dir, cur_nimg, device)
             fields = [f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1000:<9.1f}',
                       f'time {dnnlib.util.format_time(tick_end_time - start_time):<12s}',
                       f'sec/tick {tick_end_time - tick_start_time:<7.1f}',
@@ -333,8 +330,8 @@ def _training_loop(
 
             is_snapshot = snapshot_ticks is not None and (done or wanted or cur_tick % snapshot_ticks == 0)
             if is_snapshot:
-                if not _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, preview_grid, rank):
-                    raise dnnlib.util.RunError(_diverged_message('the generator\'s samples are not finite', run_dir, cur_nimg))
+                _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, _check_samples(method, grid, run_dir, cur_nimg, rank),
+                               preview_grid, rank)
                 with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
                     _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device)
             if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0):
@@ -354,7 +351,9 @@ def _training_loop(
             tick_start_time = time.time()
             maintenance_time = tick_start_time - tick_end_time
 
-        if stop:
+        if stop:  # the checks of a tick with a snapshot: every state on disk passed them
+            _check_divergence(method, run_dir, cur_nimg, device)
+            _check_samples(method, grid, run_dir, cur_nimg, rank)
             path = _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, device)
             distributed.print0(f'\nReceived {_stop_signal or "a stop request on another rank"}: '
                                f'training state written to "{path}"; resume with --resume={run_dir}')
@@ -407,17 +406,24 @@ def _write_tensorboard(writer, stats, cur_nimg):
     writer.flush()
 
 
-def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, preview_grid, rank):
-    """Rank 0 samples the grid, then writes the snapshot and the preview PNG, unless a sample is not finite:
-    returns (on every rank) whether it wrote."""
+def _check_samples(method, grid, run_dir, cur_nimg, rank):
+    """Rank 0 samples the preview grid: its rows (None on other ranks), or RunError on every rank when a sample is
+    not finite. The training's random streams are left as they were (a stop checks where a run does not)."""
+    rows = None
     ok = True
     if rank == 0:
-        rows = method.preview(*grid) if hasattr(method, 'preview') else [method.sample(*grid)]
+        with torch.random.fork_rng(devices=[grid[0].device] if grid[0].device.type == 'cuda' else []):
+            rows = method.preview(*grid) if hasattr(method, 'preview') else [method.sample(*grid)]
         ok = bool(torch.stack([torch.isfinite(r).all() for r in rows]).all())
     if not distributed.broadcast_object(ok):
-        return False
+        raise dnnlib.util.RunError(_diverged_message('the generator\'s samples are not finite', run_dir, cur_nimg))
+    return rows
+
+
+def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, rows, preview_grid, rank):
+    """Rank 0 writes the snapshot and the preview PNG of the grid's rows (checked finite by _check_samples)."""
     if rank != 0:
-        return True
+        return
     data = method.snapshot()
     data['dataset_kwargs'] = dict(dataset_kwargs) if dataset_kwargs is not None else None  # a plain dict, as EDM's
     _write_pickle(data, os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pkl'))
@@ -425,7 +431,15 @@ def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, preview_grid
         n = rows[0].shape[0]
         w = next(d for d in range(max(math.isqrt(n), 1), n + 1) if n % d == 0)  # each kind a w-wide block, stacked
         misc.save_image_grid(torch.cat([r.cpu() for r in rows]), os.path.join(run_dir, f'fakes-{cur_nimg // 1000:06d}.png'), grid_w=w)
-    return True
+
+
+def _check_divergence(method, run_dir, cur_nimg, device):
+    """The tick's health statistics (every rank), or RunError naming the last training state when the run diverged."""
+    health = training_stats.collect(device, prefix=('Loss/', 'Health/'), reset=False)
+    reason = _divergence(health, method)
+    if reason is not None:
+        raise dnnlib.util.RunError(_diverged_message(reason, run_dir, cur_nimg))
+    return health
 
 
 def _divergence(health, method):
