@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -164,9 +165,46 @@ def truncate(path, frac=0.5):
     open(path, 'wb').write(data[:int(len(data) * frac)])
 
 
+def flip_key_name(path):
+    """16 flipped bytes inside a state-dict key name of a training state (issue 26 H): the file stays a readable zip
+    whose top-level keys are intact, so only a whole-file check finds it."""
+    data = bytearray(open(path, 'rb').read())
+    start = re.search(rb'model\.[a-z0-9_.x]{16}', bytes(data)).start()
+    data[start:start + 16] = bytes(b ^ 0x20 for b in data[start:start + 16])
+    open(path, 'wb').write(data)
+
+
 def older_and_newer_state(run_dir):
     """A second, newer state: the newest is then training-state-000001.pt, the older one 000000."""
     shutil.copy(run_dir / 'training-state-000000.pt', run_dir / 'training-state-000001.pt')
+    shutil.copy(run_dir / 'training-state-000000.pt.sha256', run_dir / 'training-state-000001.pt.sha256')
+
+
+def test_state_checksum_matches_after_a_kill_at_any_moment(tmp_path, monkeypatch):
+    """A state is replaced between two writes of its checksum file: killed before, between or after them, the file
+    under the state's name matches its checksum file (issue 26 H)."""
+    path = str(tmp_path / 'training-state-000000.pt')
+    state = lambda v: dict(method=dict(w=torch.full([1000], float(v))), cur_nimg=0, cur_tick=0, tick_start_nimg=0,
+                           step=v, world_size=1, rng=[])
+    loop_module._write_state(state(1), path)
+    assert len(open(path + '.sha256').read().splitlines()) == 1 and loop_module.state_problem(path) is None
+    replace = os.replace
+
+    def killed_at_state_replace(src, dst):
+        if dst == path:
+            raise KeyboardInterrupt  # as a kill between the two checksum writes
+        replace(src, dst)
+    monkeypatch.setattr(os, 'replace', killed_at_state_replace)
+    with pytest.raises(KeyboardInterrupt):
+        loop_module._write_state(state(2), path)
+    monkeypatch.setattr(os, 'replace', replace)
+    assert len(open(path + '.sha256').read().splitlines()) == 2  # the new content's hash and the old one's
+    assert loop_module.state_problem(path) is None and latest_state(tmp_path)['step'] == 1
+    loop_module._write_state(state(3), path)
+    assert len(open(path + '.sha256').read().splitlines()) == 1
+    assert loop_module.state_problem(path) is None and latest_state(tmp_path)['step'] == 3
+    open(path + '.sha256', 'w').write('0' * 64 + '  training-state-000000.pt\n')
+    assert loop_module.state_problem(path).startswith('checksum mismatch')
 
 
 # name: (change to the run directory, extra options, exit code, text expected in the output)
@@ -180,7 +218,13 @@ RESUME_CHECKS = {
     'no states': (lambda d: os.remove(d / 'training-state-000000.pt'), [], 1, 'no training-state-*.pt in'),
     'all states damaged': (lambda d: truncate(d / 'training-state-000000.pt'), [], 1, 'none of the 1 training-state-*.pt'),
     'named state damaged': (lambda d: truncate(d / 'training-state-000000.pt'), ['--resume={state}'], 1,
-                            'training-state-000000.pt" is not a complete training state (RuntimeError: '),
+                            'training-state-000000.pt" is not a complete training state (checksum mismatch: '),
+    'newest state key flipped': (lambda d: (older_and_newer_state(d), flip_key_name(d / 'training-state-000001.pt')), [],
+                                 0, 'Skipping "training-state-000001.pt": not a complete training state (checksum'),
+    'named state key flipped': (lambda d: flip_key_name(d / 'training-state-000000.pt'), ['--resume={state}'], 1,
+                                'training-state-000000.pt" is not a complete training state (checksum'),
+    'newest state without checksum': (lambda d: (older_and_newer_state(d), os.remove(d / 'training-state-000001.pt.sha256')),
+                                      [], 0, 'Skipping "training-state-000001.pt": not a complete training state (no checksum'),
     'not a run': (lambda d: os.remove(d / 'training_options.json'), [], 1, 'has no training_options.json'),
     'newest state damaged': (lambda d: (older_and_newer_state(d), truncate(d / 'training-state-000001.pt')), [], 0,
                              'Skipping "training-state-000001.pt": not a complete training state'),

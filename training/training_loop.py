@@ -5,6 +5,8 @@ Everything method-specific (networks, losses, optimizers, EMA) lives in the meth
 state_dict / load_state_dict).
 """
 
+import functools
+import hashlib
 import inspect
 import json
 import math
@@ -74,11 +76,34 @@ def state_path(run_dir, cur_nimg):
 _STATE_KEYS = ('method', 'cur_nimg', 'cur_tick', 'tick_start_nimg', 'step', 'world_size', 'rng')
 
 
+def checksum_path(path):
+    """The checksum file beside a training state: `sha256sum -c` reads it."""
+    return path + '.sha256'
+
+
 def state_problem(path):
-    """Why a file cannot be resumed from (truncated, corrupt, not a training state), or None. Memory-maps the file:
-    cheap even for large states."""
+    """Why a file cannot be resumed from (damaged anywhere, truncated, without its checksum file, not a training
+    state), or None. The whole file is checked against its checksum file (one read, a few seconds per GB); results are
+    remembered per file version, so the up-front check and the loop's take one read."""
+    stat = os.stat(path)
+    sums = checksum_path(path)
+    sums_stat = os.stat(sums) if os.path.isfile(sums) else None
+    return _state_problem(os.path.abspath(path), (stat.st_ino, stat.st_size, stat.st_mtime_ns),
+                          sums_stat and (sums_stat.st_ino, sums_stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=16)
+def _state_problem(path, _version, _sums_version):
+    sums = checksum_path(path)
+    if not os.path.isfile(sums):
+        return (f'no checksum file "{os.path.basename(sums)}" beside it: copy it with the state (a state written before '
+                f'checksums: `sha256sum STATE > STATE.sha256` once you know the state is whole)')
+    with open(sums) as f:
+        expected = {line.split()[0] for line in f if line.strip()}  # two while a write replaces the state
+    if _file_sha256(path) not in expected:
+        return f'checksum mismatch: its content is not the one recorded in "{os.path.basename(sums)}"'
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)  # the keys only: cheap
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # what torch raises on damaged files
         return f'{type(e).__name__}: {str(e).strip().split(". ")[0][:200]}'  # torch adds paragraphs of advice
     if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
@@ -116,8 +141,45 @@ def _write_pickle(obj, path):
     dnnlib.util.atomic_write(path, lambda f: pickle.dump(obj, f))
 
 
+def _file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _HashingFile:
+    """A file that hashes what is written to it (torch.save writes its zip sequentially)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.digest = hashlib.sha256()
+
+    def write(self, data):
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
 def _write_state(state, path):
-    dnnlib.util.atomic_write(path, lambda f: torch.save(state, f))
+    """The state and its checksum file. While the state is replaced, the checksum file lists the old content's hash and
+    the new one's, so a kill at any moment leaves a state that matches its checksum file."""
+    name = os.path.basename(path)
+    sums = checksum_path(path)
+    old = open(sums).read() if os.path.isfile(sums) else ''
+
+    new = []
+
+    def write(f):
+        hashing = _HashingFile(f)
+        torch.save(state, hashing)
+        new.append(f'{hashing.digest.hexdigest()}  {name}\n')
+        dnnlib.util.atomic_write(sums, lambda g: g.write(new[0] + old), mode='w')  # before the state replaces the old one
+    dnnlib.util.atomic_write(path, write)
+    dnnlib.util.atomic_write(sums, lambda g: g.write(new[0]), mode='w')
 
 
 def _whole_line(line):
