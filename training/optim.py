@@ -56,6 +56,28 @@ class LossScaler:
         self.good_steps = state['good_steps'].to(self.good_steps.device)
 
 # ----------------------------------------------------------------------------
+# Abandoning a step: a stop asked for between accumulation rounds, before the step's first update, drops the step (the
+# weights, moments and counters still describe its start), so a long step does not delay a SIGTERM stop.
+
+class StepAbandoned(Exception):
+    """Raised by Updater.backward between rounds when the loop's stop check is true and nothing was updated yet."""
+
+
+_abandon_check = None  # the loop's stop check while the current step may still be abandoned, else None
+
+
+@contextlib.contextmanager
+def abandonable(check):
+    """One step in which Updater.backward calls check() between rounds (a collective under torchrun: every rank
+    calls it at the same rounds) and raises StepAbandoned when it is true, until the step's first update."""
+    global _abandon_check
+    prev, _abandon_check = _abandon_check, check
+    try:
+        yield
+    finally:
+        _abandon_check = prev
+
+# ----------------------------------------------------------------------------
 
 class Updater:
     """One network's optimizer and everything around its step. `backward` accumulates the rounds' losses,
@@ -98,11 +120,15 @@ class Updater:
         gradients do not depend on how a rank's share of the batch is split into rounds (--batch-gpu)."""
         self._grad_buffer()
         factor = 1 / per_rank_batch if self.scaler is None else self.scaler.scale / per_rank_batch
-        for r in rounds:
+        for i, r in enumerate(rounds):
+            if i > 0 and _abandon_check is not None and _abandon_check():
+                raise StepAbandoned()
             loss_fn(r).sum().mul(factor).backward()
 
     def step(self, lr):
         """Average over ranks, unscale, skip if non-finite (counted), clip, step; then free the gradients."""
+        global _abandon_check
+        _abandon_check = None  # the weights change now: the rest of the step must run
         flat = self._grad_buffer()
         world_size = distributed.get_world_size()
         if world_size > 1:

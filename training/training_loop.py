@@ -38,8 +38,9 @@ def _request_stop(signum, _frame):
 
 
 def _stop_agreed():
-    """True on every rank when any rank was asked to stop; checked every step (a host-side all-reduce), so the state
-    is written within one step of the signal, well inside torchrun's 30 s before it kills the workers."""
+    """True on every rank when any rank was asked to stop (a host-side all-reduce). Checked before every step and, in a
+    step of several accumulation rounds, between its rounds until its first update (training/optim.py abandons the
+    step there), so the stop waits for at most one round, or for the rest of a step that has begun updating."""
     return distributed.any_rank(_stop_signal is not None)
 
 # ----------------------------------------------------------------------------
@@ -348,7 +349,9 @@ def _training_loop(
             if done or stop:
                 break
 
-            # One step: rounds of this rank's share of the global batch.
+            # One step: rounds of this rank's share of the global batch. With several rounds a stop may abandon the
+            # step (see _stop_agreed): the random streams then go back to the step's start, which the state describes.
+            rng_start = _rng_state(device) if num_rounds > 1 else None
             rand = StepRandom(seed, step, batch_size, device)
             rounds = []
             for i in range(num_rounds):
@@ -358,7 +361,13 @@ def _training_loop(
                     images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1  # pinned: no host wait
                     labels = labels.to(device, non_blocking=True)
                 rounds.append(Round(images, labels, rand, rank * per_rank + i * batch_gpu, batch_gpu))
-            method.step(rounds, cur_nimg)
+            try:
+                with optim.abandonable(_stop_agreed if num_rounds > 1 else None):
+                    method.step(rounds, cur_nimg)
+            except optim.StepAbandoned:
+                _set_rng_state(rng_start, device)
+                stop = True
+                break
             cur_nimg += batch_size
             step += 1
 
