@@ -668,3 +668,86 @@ def test_new_run_into_a_run_directory_is_refused(files, base_run, tmp_path, case
     assert r.exit_code == 1 and r.output.startswith(f'Error: --outdir: "{run_dir}" holds a run'), r.output
     assert 'use --resume, or another --outdir' in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert contents(run_dir) == before  # nothing written, not even the lock
+
+# ----------------------------------------------------------------------------
+# State writes at ImageNet scale (issue 23 item 5): a background write from a CPU copy, nothing stored that the next
+# update does not read.
+
+def small_state(step, w):
+    return dict(method=dict(w=w), cur_nimg=0, cur_tick=0, tick_start_nimg=0, step=step, world_size=1, rng=[])
+
+
+def test_state_writer_writes_a_copy_in_the_background_one_at_a_time(tmp_path, monkeypatch):
+    import threading
+    import time
+    gate = threading.Event()
+    done = []
+    write_state = loop_module._write_state
+
+    def gated_write(state, path):
+        gate.wait(10)
+        write_state(state, path)
+        done.append(os.path.basename(path))
+    monkeypatch.setattr(loop_module, '_write_state', gated_write)
+    writer = loop_module._StateWriter()
+    w = torch.zeros(1000)
+    writer.write(small_state(1, w), str(tmp_path / 'training-state-000001.pt'))
+    w.fill_(7)  # training goes on, changing the weights in place
+    assert done == [] and not (tmp_path / 'training-state-000001.pt').exists()  # written in the background
+    threading.Timer(0.3, gate.set).start()
+    start = time.monotonic()
+    writer.write(small_state(2, w), str(tmp_path / 'training-state-000002.pt'))  # waits for the first write
+    assert time.monotonic() - start > 0.2 and done == ['training-state-000001.pt']
+    writer.wait()
+    assert done == ['training-state-000001.pt', 'training-state-000002.pt']
+    first = torch.load(tmp_path / 'training-state-000001.pt', weights_only=True)
+    assert first['step'] == 1 and torch.equal(first['method']['w'], torch.zeros(1000))  # the copy made at write()
+    assert latest_state(tmp_path)['step'] == 2 and torch.equal(latest_state(tmp_path)['method']['w'], w)
+
+    def full_disk(state, path):
+        raise OSError(28, 'No space left on device', path)
+    monkeypatch.setattr(loop_module, '_write_state', full_disk)
+    writer.write(small_state(3, w), str(tmp_path / 'training-state-000003.pt'))
+    with pytest.raises(OSError, match='No space left'):  # reported to the main thread
+        writer.wait()
+    writer.wait()  # once
+
+
+def test_sigterm_exit_waits_for_the_state_write(files, tmp_path, monkeypatch):
+    import time
+    write_state = loop_module._write_state
+    monkeypatch.setattr(loop_module, '_write_state', lambda state, path: (time.sleep(0.5), write_state(state, path)))
+
+    class SigtermDuringStep(StepRandom):
+        def __init__(self, *a):
+            super().__init__(*a)
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(loop_module, 'StepRandom', SigtermDuringStep)
+    r = invoke(f'--outdir={tmp_path / "run"}', *[a.format(data=files / 'cond.zip') for a in BASE], '--tick=1')  # no tick
+    assert r.exit_code == dnnlib.util.EXIT_STOPPED, r.output
+    assert loop_module.state_problem(str(tmp_path / 'run' / 'training-state-000000.pt')) is None  # whole when we exit
+    assert latest_state(tmp_path / 'run')['step'] == 1
+
+
+@pytest.mark.parametrize('beta1', [0.0, 0.9])
+def test_first_moments_the_next_update_does_not_read_are_not_stored(beta1):
+    """With beta1 = 0 (SiD) Adam's first moment is the last gradient, replaced before it is read: the state leaves it
+    out and a resumed updater continues bitwise equal."""
+    from training import optim
+    torch.manual_seed(0)
+    nets = [torch.nn.Linear(4, 4) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    grads = [torch.randn(20) for _ in range(3)]
+    make = lambda net: optim.Updater(net.parameters(), 'net', class_name='torch.optim.AdamW', lr=1e-2,
+                                     betas=(beta1, 0.999), weight_decay=0)
+    full, part = make(nets[0]), make(nets[1])
+    for i, g in enumerate(grads):
+        if i == 1:  # part: saved and resumed into a fresh updater
+            state = part.state_dict()
+            assert all(('exp_avg' in s) == (beta1 != 0) for s in state['optimizer']['state'].values())
+            part = make(nets[1])
+            part.load_state_dict(state)
+        for u in (full, part):
+            u._grad_buffer().copy_(g)
+            u.step(1e-2)
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))

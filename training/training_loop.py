@@ -15,6 +15,7 @@ import pickle
 import random
 import re
 import signal
+import threading
 import time
 
 import numpy as np
@@ -426,10 +427,13 @@ def _training_loop(
             _check_divergence(method, run_dir, cur_nimg, device)
             _check_samples(method, grid, run_dir, cur_nimg, rank)
             path = _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, device)
+            _writer.wait()
             distributed.print0(f'\nReceived {_stop_signal or "a stop request on another rank"}: '
                                f'training state written to "{path}"; resume with --resume={run_dir}')
             return False
+        _writer.wait()
     finally:
+        _writer.close()  # on an error, a state write in progress still completes
         for s, h in old_handlers.items():
             signal.signal(s, h)
         if stats_jsonl is not None:
@@ -526,6 +530,7 @@ def _divergence(health, method):
 
 def _diverged_message(reason, run_dir, cur_nimg):
     """One line: what happened, the last training state (every state written passed these checks), what to do."""
+    _writer.wait()  # the last state is whole on disk before it is named
     try:
         path = find_latest_state(run_dir)
     except dnnlib.util.RunError:
@@ -551,10 +556,63 @@ def _health_fields(health):
     return fields
 
 
+class _StateWriter:
+    """Writes training states from CPU copies in a background thread, so that training goes on (or ends) while a
+    multi-GB state is written. One write at a time: the next waits for the previous. wait() joins the write and raises
+    its error; the loop calls it before returning and before naming the last state, so a finished run's states exist."""
+
+    def __init__(self):
+        self.thread = None
+        self.error = None
+
+    def write(self, state, path):
+        self.wait()
+        state = _cpu_copy(state)  # the weights change in place once the loop goes on
+
+        def run():
+            try:
+                _write_state(state, path)
+            except Exception as e:  # re-raised in the main thread by wait()
+                self.error = e
+        self.thread = threading.Thread(target=run, name=f'write {os.path.basename(path)}')
+        self.thread.start()
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+    def close(self):
+        """On the way out of an error: the write in progress completes; its own error, if any, is dropped (the one
+        being raised is reported)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        self.error = None
+
+
+_writer = _StateWriter()  # rank 0's
+
+
+def _cpu_copy(tree):
+    """Nested dicts/lists of tensors and plain values, with every tensor copied to the CPU (on CUDA, the copy waits
+    for the device)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to('cpu', copy=True)
+    if isinstance(tree, dict):
+        return {k: _cpu_copy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cpu_copy(v) for v in tree)
+    return tree
+
+
 def _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, device):
-    """All ranks contribute their RNG state; rank 0 writes. Returns the path. No barrier after the write: no other
-    rank reads the file, and a barrier would only move their wait for rank 0 (up to the collective timeout of
-    torch_utils/distributed.py) from their next collective to here."""
+    """All ranks contribute their RNG state; rank 0 starts the write (_StateWriter). Returns the path. No barrier after
+    the write: no other rank reads the file, and a barrier would only move their wait for rank 0 (up to the collective
+    timeout of torch_utils/distributed.py) from their next collective to here."""
     rng = [None] * distributed.get_world_size()
     if distributed.is_distributed():
         torch.distributed.all_gather_object(rng, _rng_state(device))
@@ -564,7 +622,7 @@ def _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, devi
     if distributed.get_rank() == 0:
         state = dict(method=method.state_dict(), cur_nimg=cur_nimg, cur_tick=cur_tick, tick_start_nimg=tick_start_nimg,
                      step=step, world_size=distributed.get_world_size(), rng=rng)
-        _write_state(state, path)
+        _writer.write(state, path)
     return path
 
 
