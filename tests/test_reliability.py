@@ -510,8 +510,13 @@ def test_temp_files_of_a_killed_write_are_never_outputs(files, base_run, tmp_pat
             r = CliRunner().invoke(dataset_tool.main, [f'--source={folder}', f'--dest={tmp_path / "d.zip"}'])
             assert r.exit_code == 0 and 'Wrote 2 images' in r.output, r.output
         return
-    run_dir = Path(shutil.copytree(base_run, tmp_path / 'run'))
-    left = killed_write(run_dir / 'network-snapshot-000000.pkl')
+    if reader == 'train start':  # a run killed while writing its options: the directory holds no run yet
+        run_dir = tmp_path / 'run'
+        run_dir.mkdir()
+        left = killed_write(run_dir / 'training_options.json')
+    else:
+        run_dir = Path(shutil.copytree(base_run, tmp_path / 'run'))
+        left = killed_write(run_dir / 'network-snapshot-000000.pkl')
     args = [a.format(data=files / 'cond.zip') for a in BASE]
     where = f'--outdir={run_dir}' if reader == 'train start' else f'--resume={run_dir}'  # BASE has --nosubdir
     r = invoke(where, *args)

@@ -152,15 +152,23 @@ def _file_sha256(path):
 
 
 class _HashingFile:
-    """A file that hashes what is written to it (torch.save writes its zip sequentially)."""
+    """A file that hashes what is written to it (torch.save writes its zip sequentially). A large piece is hashed in a
+    second thread while it is written (both release the GIL), so the hash costs little time on top of the write."""
 
     def __init__(self, f):
         self.f = f
         self.digest = hashlib.sha256()
 
     def write(self, data):
-        self.digest.update(data)
-        return self.f.write(data)
+        if len(memoryview(data).cast('B')) < 1 << 20:
+            self.digest.update(data)
+            return self.f.write(data)
+        hashing = threading.Thread(target=self.digest.update, args=(data,))
+        hashing.start()
+        try:
+            return self.f.write(data)
+        finally:
+            hashing.join()  # torch may reuse the buffer once write() returns
 
     def flush(self):
         self.f.flush()
@@ -379,6 +387,7 @@ def _training_loop(
 
             # Tick: progress, statistics, snapshot, state; nothing is written once the run has diverged.
             tick_end_time = time.time()
+            _writer.poll()
             health = _check_divergence(method, run_dir, cur_nimg, device)
             fields = [f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1000:<9.1f}',
                       f'time {dnnlib.util.format_time(tick_end_time - start_time):<12s}',
@@ -584,6 +593,11 @@ class _StateWriter:
         error, self.error = self.error, None
         if error is not None:
             raise error
+
+    def poll(self):
+        """wait() for a write that has ended: its error stops the run at the next tick, not at the next write."""
+        if self.thread is not None and not self.thread.is_alive():
+            self.wait()
 
     def close(self):
         """On the way out of an error: the write in progress completes; its own error, if any, is dropped (the one
