@@ -660,6 +660,10 @@ def _main(opts):
         resume_from = training_loop.find_latest_state(opts.resume)  # the state must load: checked now
     elif opts.nosubdir:
         c.run_dir = opts.outdir
+        holds_run = os.path.isfile(os.path.join(c.run_dir, 'training_options.json'))  # a new run would overwrite it
+        if distributed.broadcast_object(holds_run if distributed.get_rank() == 0 else None):  # before rank 0 writes
+            raise click.ClickException(f'--outdir: "{c.run_dir}" holds a run (training_options.json); a new run there '
+                                       f'would overwrite it: use --resume, or another --outdir')
     else:  # rank 0 decides: a rank that looked later would see rank 0's new directory and pick the next id
         c.run_dir = distributed.broadcast_object(next_run_dir(opts.outdir, desc) if distributed.get_rank() == 0 else None)
 

@@ -300,7 +300,7 @@ def check_cli(ctx, nproc):
     stopped = 'resume with --resume' in out
     run(torchrun(nproc, *args, f'--resume={outdir}'))
     row['img_per_s'] = steps * batch / (time.perf_counter() - start)
-    state = torch.load(max((os.path.join(outdir, n) for n in os.listdir(outdir) if n.startswith('training-state')),
+    state = torch.load(max((os.path.join(outdir, n) for n in os.listdir(outdir) if re.fullmatch(r'training-state-\d+\.pt', n)),
                            key=os.path.getmtime), map_location='cpu', weights_only=True)
     row['result'] = 'pass' if stopped and state['method']['num_steps'] == steps else f'FAIL (stopped={stopped})'
     row['options'] = json.load(open(os.path.join(outdir, 'training_options.json')))

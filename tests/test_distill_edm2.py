@@ -62,7 +62,7 @@ ARGS = ['--batch=8', '--tick=0.008', '--snap=100', '--dump=100', '--seed=1', '--
 @pytest.mark.parametrize('method', ['dmd', 'sid'])
 def test_one_step_methods_with_an_autoguided_edm2_teacher_resume_exactly(pkls, tmp_path, method):
     common = [f'--method={method}', f'--teacher={pkls["teacher"]}', f'--guide-net={pkls["guide"]}', '--guidance=1.7',
-              '--duration=0.000024', *ARGS]
+              '--duration=0.000024', '--ema=0.5', *ARGS]  # an EMA for both (DMD has none by default)
     r = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "full"}', *common], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(train.main, [f'--outdir={tmp_path / "part"}', *common[:4], '--duration=0.000008', *common[5:]],

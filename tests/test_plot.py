@@ -140,6 +140,7 @@ def test_tensorboard_events_equal_stats_and_resume_hides_dropped_ticks(teacher_p
     assert r.exit_code == 0, r.output
     state = tmp_path / 'state-16.pt'
     os.rename(tmp_path / 'training-state-000000.pt', state)
+    os.rename(tmp_path / 'training-state-000000.pt.sha256', f'{state}.sha256')  # a state moves with its checksum file
     r = CliRunner().invoke(train.main, [*args, '--duration=0.000024', f'--resume={state}'], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     stats = [json.loads(line) for line in open(tmp_path / 'stats.jsonl')]

@@ -198,6 +198,30 @@ def test_divergence_names_the_last_state_and_a_lower_lr_resumes(data, tmp_path):
     assert r.exit_code == 0, r.output
 
 
+
+def test_sigterm_stop_of_a_diverged_run_writes_no_state(data, tmp_path, monkeypatch):
+    """Issue 26 G: a diverging run stopped by SIGTERM between ticks runs the tick's checks before the stop's state
+    write: one line naming the last good state (left as it was, though the stop's state would have had its name), exit 1."""
+    from training.batching import StepRandom
+    args = [f'--outdir={tmp_path}', f'--data={data / "cond.zip"}', *DIVERGE]
+    assert CliRunner().invoke(train.main, [*args, '--lr=1e-3', '--duration=0.000016']).exit_code == 0
+    state = tmp_path / 'training-state-000000.pt'
+    before = state.read_bytes()
+    files = sorted(os.listdir(tmp_path))
+
+    class SigtermAtStep4(StepRandom):  # two diverging steps after the resume at step 2, no tick in between
+        def __init__(self, seed, step, *rest):
+            super().__init__(seed, step, *rest)
+            if step == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(loop_module, 'StepRandom', SigtermAtStep4)
+    r = CliRunner().invoke(train.main, [*args, '--lr=1e6', '--duration=0.000064', '--tick=1', f'--resume={tmp_path}'])
+    errors = [l for l in r.output.splitlines() if l.startswith('Error:')]
+    assert r.exit_code == 1 and len(errors) == 1 and errors[0].startswith('Error: Training diverged at 0.04 kimg: '), r.output
+    assert f'the last training state is "{state}": resume from it with a lower learning rate' in errors[0]
+    assert 'Received SIGTERM' not in r.output
+    assert state.read_bytes() == before and sorted(os.listdir(tmp_path)) == sorted(files + ['resumes.jsonl'])
+
 def test_dmd_divergence_stops_in_one_line(tmp_path):
     from training.networks import EDMPrecond
     torch.manual_seed(0)

@@ -5,6 +5,8 @@ Everything method-specific (networks, losses, optimizers, EMA) lives in the meth
 state_dict / load_state_dict).
 """
 
+import functools
+import hashlib
 import inspect
 import json
 import math
@@ -13,6 +15,7 @@ import pickle
 import random
 import re
 import signal
+import threading
 import time
 
 import numpy as np
@@ -42,8 +45,9 @@ def catch_stop_signals():
 
 
 def _stop_agreed():
-    """True on every rank when any rank was asked to stop; checked every step (a host-side all-reduce), so the state
-    is written within one step of the signal, well inside torchrun's 30 s before it kills the workers."""
+    """True on every rank when any rank was asked to stop (a host-side all-reduce). Checked before every step and, in a
+    step of several accumulation rounds, between its rounds until its first update (training/optim.py abandons the
+    step there), so the stop waits for at most one round, or for the rest of a step that has begun updating."""
     return distributed.any_rank(_stop_signal is not None)
 
 # ----------------------------------------------------------------------------
@@ -80,11 +84,34 @@ def state_path(run_dir, cur_nimg):
 _STATE_KEYS = ('method', 'cur_nimg', 'cur_tick', 'tick_start_nimg', 'step', 'world_size', 'rng')
 
 
+def checksum_path(path):
+    """The checksum file beside a training state: `sha256sum -c` reads it."""
+    return path + '.sha256'
+
+
 def state_problem(path):
-    """Why a file cannot be resumed from (truncated, corrupt, not a training state), or None. Memory-maps the file:
-    cheap even for large states."""
+    """Why a file cannot be resumed from (damaged anywhere, truncated, without its checksum file, not a training
+    state), or None. The whole file is checked against its checksum file (one read, a few seconds per GB); results are
+    remembered per file version, so the up-front check and the loop's take one read."""
+    stat = os.stat(path)
+    sums = checksum_path(path)
+    sums_stat = os.stat(sums) if os.path.isfile(sums) else None
+    return _state_problem(os.path.abspath(path), (stat.st_ino, stat.st_size, stat.st_mtime_ns),
+                          sums_stat and (sums_stat.st_ino, sums_stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=16)
+def _state_problem(path, _version, _sums_version):
+    sums = checksum_path(path)
+    if not os.path.isfile(sums):
+        return (f'no checksum file "{os.path.basename(sums)}" beside it: copy it with the state (a state written before '
+                f'checksums: `sha256sum STATE > STATE.sha256` once you know the state is whole)')
+    with open(sums) as f:
+        expected = {line.split()[0] for line in f if line.strip()}  # two while a write replaces the state
+    if _file_sha256(path) not in expected:
+        return f'checksum mismatch: its content is not the one recorded in "{os.path.basename(sums)}"'
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)  # the keys only: cheap
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # what torch raises on damaged files
         return f'{type(e).__name__}: {str(e).strip().split(". ")[0][:200]}'  # torch adds paragraphs of advice
     if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
@@ -122,8 +149,53 @@ def _write_pickle(obj, path):
     dnnlib.util.atomic_write(path, lambda f: pickle.dump(obj, f))
 
 
+def _file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _HashingFile:
+    """A file that hashes what is written to it (torch.save writes its zip sequentially). A large piece is hashed in a
+    second thread while it is written (both release the GIL), so the hash costs little time on top of the write."""
+
+    def __init__(self, f):
+        self.f = f
+        self.digest = hashlib.sha256()
+
+    def write(self, data):
+        if len(memoryview(data).cast('B')) < 1 << 20:
+            self.digest.update(data)
+            return self.f.write(data)
+        hashing = threading.Thread(target=self.digest.update, args=(data,))
+        hashing.start()
+        try:
+            return self.f.write(data)
+        finally:
+            hashing.join()  # torch may reuse the buffer once write() returns
+
+    def flush(self):
+        self.f.flush()
+
+
 def _write_state(state, path):
-    dnnlib.util.atomic_write(path, lambda f: torch.save(state, f))
+    """The state and its checksum file. While the state is replaced, the checksum file lists the old content's hash and
+    the new one's, so a kill at any moment leaves a state that matches its checksum file."""
+    name = os.path.basename(path)
+    sums = checksum_path(path)
+    old = open(sums).read() if os.path.isfile(sums) else ''
+
+    new = []
+
+    def write(f):
+        hashing = _HashingFile(f)
+        torch.save(state, hashing)
+        new.append(f'{hashing.digest.hexdigest()}  {name}\n')
+        dnnlib.util.atomic_write(sums, lambda g: g.write(new[0] + old), mode='w')  # before the state replaces the old one
+    dnnlib.util.atomic_write(path, write)
+    dnnlib.util.atomic_write(sums, lambda g: g.write(new[0]), mode='w')
 
 
 def _whole_line(line):
@@ -300,7 +372,9 @@ def _training_loop(
             if done or stop:
                 break
 
-            # One step: rounds of this rank's share of the global batch.
+            # One step: rounds of this rank's share of the global batch. With several rounds a stop may abandon the
+            # step (see _stop_agreed): the random streams then go back to the step's start, which the state describes.
+            rng_start = _rng_state(device) if num_rounds > 1 else None
             rand = StepRandom(seed, step, batch_size, device)
             rounds = []
             for i in range(num_rounds):
@@ -310,7 +384,13 @@ def _training_loop(
                     images = images.to(device, non_blocking=True).to(torch.float32) / 127.5 - 1  # pinned: no host wait
                     labels = labels.to(device, non_blocking=True)
                 rounds.append(Round(images, labels, rand, rank * per_rank + i * batch_gpu, batch_gpu))
-            method.step(rounds, cur_nimg)
+            try:
+                with optim.abandonable(_stop_agreed if num_rounds > 1 else None):
+                    method.step(rounds, cur_nimg)
+            except optim.StepAbandoned:
+                _set_rng_state(rng_start, device)
+                stop = True
+                break
             cur_nimg += batch_size
             step += 1
             if phema_tracker is not None:
@@ -325,10 +405,8 @@ def _training_loop(
 
             # Tick: progress, statistics, snapshot, state; nothing is written once the run has diverged.
             tick_end_time = time.time()
-            health = training_stats.collect(device, prefix=('Loss/', 'Health/'), reset=False)
-            reason = _divergence(health, method)
-            if reason is not None:
-                raise dnnlib.util.RunError(_diverged_message(reason, run_dir, cur_nimg))
+            _writer.poll()
+            health = _check_divergence(method, run_dir, cur_nimg, device)
             fields = [f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1000:<9.1f}',
                       f'time {dnnlib.util.format_time(tick_end_time - start_time):<12s}',
                       f'sec/tick {tick_end_time - tick_start_time:<7.1f}',
@@ -351,8 +429,8 @@ def _training_loop(
 
             is_snapshot = snapshot_ticks is not None and (done or wanted or cur_tick % snapshot_ticks == 0)
             if is_snapshot:
-                if not _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, preview_grid, rank, phema_tracker):
-                    raise dnnlib.util.RunError(_diverged_message('the generator\'s samples are not finite', run_dir, cur_nimg))
+                _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, _check_samples(method, grid, run_dir, cur_nimg, rank),
+                               preview_grid, rank, phema_tracker)
                 with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
                     _run_metrics(method, metrics, metric_kwargs, run_dir, cur_nimg, device)
             if state_dump_ticks is not None and (done or cur_tick % state_dump_ticks == 0):
@@ -372,12 +450,17 @@ def _training_loop(
             tick_start_time = time.time()
             maintenance_time = tick_start_time - tick_end_time
 
-        if stop:
+        if stop:  # the checks of a tick with a snapshot: every state on disk passed them
+            _check_divergence(method, run_dir, cur_nimg, device)
+            _check_samples(method, grid, run_dir, cur_nimg, rank)
             path = _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, device, phema_tracker)
+            _writer.wait()
             distributed.print0(f'\nReceived {_stop_signal or "a stop request on another rank"}: '
                                f'training state written to "{path}"; resume with --resume={run_dir}')
             return False
+        _writer.wait()
     finally:
+        _writer.close()  # on an error, a state write in progress still completes
         for s, h in old_handlers.items():
             signal.signal(s, h)
         _stop_signal = None  # this run's stop is handled: a later run in this process starts without it
@@ -426,17 +509,25 @@ def _write_tensorboard(writer, stats, cur_nimg):
     writer.flush()
 
 
-def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, preview_grid, rank, phema_tracker=None):
-    """Rank 0 samples the grid, then writes the snapshot and the preview PNG, unless a sample is not finite:
-    returns (on every rank) whether it wrote. With post-hoc EMA, also one snapshot per tracked profile."""
+def _check_samples(method, grid, run_dir, cur_nimg, rank):
+    """Rank 0 samples the preview grid: its rows (None on other ranks), or RunError on every rank when a sample is
+    not finite. The training's random streams are left as they were (a stop checks where a run does not)."""
+    rows = None
     ok = True
     if rank == 0:
-        rows = method.preview(*grid) if hasattr(method, 'preview') else [method.sample(*grid)]
+        with torch.random.fork_rng(devices=[grid[0].device] if grid[0].device.type == 'cuda' else []):
+            rows = method.preview(*grid) if hasattr(method, 'preview') else [method.sample(*grid)]
         ok = bool(torch.stack([torch.isfinite(r).all() for r in rows]).all())
     if not distributed.broadcast_object(ok):
-        return False
+        raise dnnlib.util.RunError(_diverged_message('the generator\'s samples are not finite', run_dir, cur_nimg))
+    return rows
+
+
+def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, rows, preview_grid, rank, phema_tracker=None):
+    """Rank 0 writes the snapshot and the preview PNG of the grid's rows (checked finite by _check_samples). With
+    post-hoc EMA, also one snapshot per tracked profile."""
     if rank != 0:
-        return True
+        return
     data = method.snapshot()
     data['dataset_kwargs'] = dict(dataset_kwargs) if dataset_kwargs is not None else None  # a plain dict, as EDM's
     _write_pickle(data, os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pkl'))
@@ -446,7 +537,15 @@ def _save_snapshot(method, run_dir, cur_nimg, dataset_kwargs, grid, preview_grid
         n = rows[0].shape[0]
         w = next(d for d in range(max(math.isqrt(n), 1), n + 1) if n % d == 0)  # each kind a w-wide block, stacked
         misc.save_image_grid(torch.cat([r.cpu() for r in rows]), os.path.join(run_dir, f'fakes-{cur_nimg // 1000:06d}.png'), grid_w=w)
-    return True
+
+
+def _check_divergence(method, run_dir, cur_nimg, device):
+    """The tick's health statistics (every rank), or RunError naming the last training state when the run diverged."""
+    health = training_stats.collect(device, prefix=('Loss/', 'Health/'), reset=False)
+    reason = _divergence(health, method)
+    if reason is not None:
+        raise dnnlib.util.RunError(_diverged_message(reason, run_dir, cur_nimg))
+    return health
 
 
 def _widen_float16(net):
@@ -495,6 +594,7 @@ def _divergence(health, method):
 
 def _diverged_message(reason, run_dir, cur_nimg):
     """One line: what happened, the last training state (every state written passed these checks), what to do."""
+    _writer.wait()  # the last state is whole on disk before it is named
     try:
         path = find_latest_state(run_dir)
     except dnnlib.util.RunError:
@@ -520,10 +620,68 @@ def _health_fields(health):
     return fields
 
 
+class _StateWriter:
+    """Writes training states from CPU copies in a background thread, so that training goes on (or ends) while a
+    multi-GB state is written. One write at a time: the next waits for the previous. wait() joins the write and raises
+    its error; the loop calls it before returning and before naming the last state, so a finished run's states exist."""
+
+    def __init__(self):
+        self.thread = None
+        self.error = None
+
+    def write(self, state, path):
+        self.wait()
+        state = _cpu_copy(state)  # the weights change in place once the loop goes on
+
+        def run():
+            try:
+                _write_state(state, path)
+            except Exception as e:  # re-raised in the main thread by wait()
+                self.error = e
+        self.thread = threading.Thread(target=run, name=f'write {os.path.basename(path)}')
+        self.thread.start()
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+    def poll(self):
+        """wait() for a write that has ended: its error stops the run at the next tick, not at the next write."""
+        if self.thread is not None and not self.thread.is_alive():
+            self.wait()
+
+    def close(self):
+        """On the way out of an error: the write in progress completes; its own error, if any, is dropped (the one
+        being raised is reported)."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        self.error = None
+
+
+_writer = _StateWriter()  # rank 0's
+
+
+def _cpu_copy(tree):
+    """Nested dicts/lists of tensors and plain values, with every tensor copied to the CPU (on CUDA, the copy waits
+    for the device)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to('cpu', copy=True)
+    if isinstance(tree, dict):
+        return {k: _cpu_copy(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cpu_copy(v) for v in tree)
+    return tree
+
+
 def _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, device, phema_tracker=None):
-    """All ranks contribute their RNG state; rank 0 writes. Returns the path. No barrier after the write: no other
-    rank reads the file, and a barrier would only move their wait for rank 0 (up to the collective timeout of
-    torch_utils/distributed.py) from their next collective to here."""
+    """All ranks contribute their RNG state; rank 0 starts the write (_StateWriter). Returns the path. No barrier after
+    the write: no other rank reads the file, and a barrier would only move their wait for rank 0 (up to the collective
+    timeout of torch_utils/distributed.py) from their next collective to here."""
     rng = [None] * distributed.get_world_size()
     if distributed.is_distributed():
         torch.distributed.all_gather_object(rng, _rng_state(device))
@@ -535,7 +693,7 @@ def _save_state(method, run_dir, cur_nimg, cur_tick, tick_start_nimg, step, devi
                      step=step, world_size=distributed.get_world_size(), rng=rng)
         if phema_tracker is not None:
             state['phema'] = phema_tracker.state_dict()
-        _write_state(state, path)
+        _writer.write(state, path)
     return path
 
 
