@@ -6,7 +6,7 @@
 Part 1, in one process (on the CPU: one per configuration, beside part 2), for each method (edm, dmd with pairs
 and LPIPS, dmd with the GAN head, disback through its stage switch, pd across a round boundary, guided, kd, sid with
 SiDA's GAN term, sid-disback through its stage switch), each configuration (CIFAR-10 DDPM++ cond 32x32; ImageNet-64 ADM cond with use_fp16=True) and each
-precision (fp32, bf16, fp16): a few training steps with images/s, peak GPU memory, host syncs inside the steps
+precision (fp32, bf16, fp16): a few training steps with images/s, peak GPU memory, host syncs and host-to-device copies inside the steps
 (CUDA's sync debug mode) and the first step's gradient difference from fp32 (relative L2 over every updated network,
 same weights, same random streams, nothing applied).
 Part 2, the command lines: `torchrun --nproc_per_node=1 train.py --method=dmd` (pairs, LPIPS, GAN head) stopped by
@@ -38,26 +38,26 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench_networks import randomize_weights_  # noqa: E402
-from sync_counter import SyncCounter  # noqa: E402
+from sync_counter import HostCopyCounter, SyncCounter  # noqa: E402
 from dataset_tool import save_dataset  # noqa: E402
 from torch_utils import training_stats  # noqa: E402
 from training import networks, optim  # noqa: E402
 from training.batching import Round, StepRandom  # noqa: E402
-from training.dataset import ImageFolderDataset  # noqa: E402
+from training.dataset import ImageFolderDataset, check_network_matches  # noqa: E402
 from training.distill import kd  # noqa: E402
 
 PRECISIONS = ['fp32', 'bf16', 'fp16']
 METHODS = ['edm', 'dmd', 'dmd-gan', 'disback', 'pd', 'guided', 'kd', 'sid', 'sid-disback']
 GRAD_TOL = dict(fp32=0, bf16=0.15, fp16=0.05)  # relative L2 error of the first step's gradient against fp32
 
-# Dropout 0: the first-step gradients of two precisions then differ by precision alone (same weights, same streams).
-CONFIGS = dict(cifar10=dict(kd.TEACHER_CONFIGS['cifar10'], dropout=0), imagenet64=dict(kd.TEACHER_CONFIGS['imagenet64'], dropout=0))
-TINY = dict(  # the same architectures, shrunk for the CPU (16x16: the GAN head needs an 8x8 bottleneck)
-    cifar10=dict(CONFIGS['cifar10'], img_resolution=16, label_dim=4, model_channels=8, channel_mult=[1, 1], num_blocks=2,
-                 attn_resolutions=[8]),
-    imagenet64=dict(CONFIGS['imagenet64'], img_resolution=16, label_dim=4, model_channels=8, channel_mult=[1, 2],
-                    num_blocks=2, attn_resolutions=[8]),
-)
+# The official configurations, dropout included: a step's dropout masks are keyed by sample (the same in every
+# precision), so the first-step gradients of two precisions still differ by precision alone.
+CONFIGS = dict(cifar10=kd.TEACHER_CONFIGS['cifar10'], imagenet64=kd.TEACHER_CONFIGS['imagenet64'])
+# The same architectures shrunk for the CPU (16x16: the GAN head needs an 8x8 bottleneck). Only sizes change: the
+# label counts stay, so the data written for either is related to its networks as in the official rows.
+SHRINK = dict(img_resolution=16, model_channels=8, num_blocks=2, attn_resolutions=[8])
+TINY = dict(cifar10=dict(CONFIGS['cifar10'], **SHRINK, channel_mult=[1, 1]),
+            imagenet64=dict(CONFIGS['imagenet64'], **SHRINK, channel_mult=[1, 2]))
 
 # ----------------------------------------------------------------------------
 # Inputs: a teacher per configuration, labelled images, regression pairs, LPIPS weight files in the official formats.
@@ -84,13 +84,20 @@ def write_inputs(workdir, name, config, device, num_images=64):
     with open(paths['teacher'], 'wb') as f:
         pickle.dump(dict(ema=make_network(config, 0)), f)
     rng = np.random.default_rng(0)
-    res, labels = config['img_resolution'], config['label_dim']
+    res = config['img_resolution']
     save_dataset(paths['data'], [rng.integers(0, 256, [res, res, 3], dtype=np.uint8) for _ in range(num_images)],
-                 [i % labels for i in range(num_images)])
+                 class_labels(num_images, config['label_dim']))
+    check_network_matches(make_network(config, 0), ImageFolderDataset(path=paths['data'], use_labels=True), 'fix write_inputs')
     import make_pairs  # its command line, in this process
     make_pairs.main([f'--teacher={paths["teacher"]}', '--seeds=0-15', '--shard-size=16', '--steps=2',
                      f'--outdir={paths["pairs"]}', f'--device={device.type}'], standalone_mode=False)
     return paths
+
+
+def class_labels(num_images, label_dim):
+    """The images' classes, spread from 0 to label_dim - 1 (both present), so that the data's label count (its
+    largest class + 1) is the network's whether there are more images than classes or fewer."""
+    return [i * (label_dim - 1) // (num_images - 1) for i in range(num_images)]
 
 
 def write_lpips_weights(workdir):
@@ -119,9 +126,9 @@ def build_method(method, config, paths, lpips, device, batch, workdir, lpips_res
     teacher = make_network(config, 0).to(device)
     torch.manual_seed(0)  # whatever a method initialises at random (EDM's network, the GAN head) is the same in every cell
     adam = dict(class_name='torch.optim.Adam', lr=1e-5)
+    augment = dict(class_name='training.augment.AugmentPipe', p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1,
+                   aniso=1, translate_frac=1) if config.get('augment_dim') else None  # EDM's CIFAR-10 setting
     if method == 'edm':
-        augment = dict(class_name='training.augment.AugmentPipe', p=0.12, xflip=1e8, yflip=1, scale=1, rotate_frac=1,
-                       aniso=1, translate_frac=1) if config.get('augment_dim') else None
         network_kwargs = {k: v for k, v in config.items() if k not in ('img_resolution', 'img_channels', 'label_dim')}
         return EDM(device, dataset, batch, network_kwargs=network_kwargs, loss_kwargs=dict(class_name='training.loss.EDMLoss'),
                    optimizer_kwargs=adam, augment_kwargs=augment, lr_rampup_kimg=0)
@@ -147,7 +154,7 @@ def build_method(method, config, paths, lpips, device, batch, workdir, lpips_res
         guide = make_network(config, 1, label_dim=0).to(device)  # an unconditional model as D_u
         return GuidedDistillation(teacher, device, batch, dataset, guide=guide, optimizer_kwargs=adam)
     if method == 'kd':
-        return kd.KD(device, batch, teacher, dataset, optimizer_kwargs=adam)
+        return kd.KD(device, batch, teacher, dataset, optimizer_kwargs=adam, augment_kwargs=augment)
     if method == 'sid':  # SiDA: the GAN term too (the SiD loss backpropagates through both score networks)
         from training.distill.sid import SiD
         sid = SiD(teacher, device, batch, dataset=dataset, gan_g_weight=1e-4)
@@ -218,7 +225,7 @@ def check_cell(method_name, config_name, precision, ctx, reference):
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         training_stats.collect(device)  # drop what the gradient capture reported
-        syncs = []
+        syncs, copies = [], []
         start = None
         for step in range(steps):
             rounds = rounds_for(step, dataset, batch, device)
@@ -226,14 +233,16 @@ def check_cell(method_name, config_name, precision, ctx, reference):
                 if device.type == 'cuda':
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
-            with SyncCounter(device) as counter:
+            with SyncCounter(device) as counter, HostCopyCounter(device) as copied:
                 method.step(rounds, step * batch)
             syncs.append(counter.count)
+            copies.append(copied.count)
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
         row['img_per_s'] = (steps - 1) * batch / (time.perf_counter() - start)
         row['peak_gib'] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
         row['syncs'] = max(syncs[1:])
+        row['h2d'] = max(copies)  # host-to-device copies: none in any step, the first included
         stats = training_stats.collect(device)
         nonfinite = sum(v.get('nonfinite', 0) for k, v in stats.items() if k.startswith('Loss/'))
         finite = all(torch.isfinite(p).all() for net in method.networks().values() for p in net.parameters())
@@ -242,7 +251,7 @@ def check_cell(method_name, config_name, precision, ctx, reference):
             extra = 'no stage-2 switch'
         if method_name == 'pd' and method.round < 1:
             extra = 'no round boundary'
-    ok = finite and nonfinite == 0 and diff <= GRAD_TOL[precision] and row['syncs'] == 0 and not extra
+    ok = finite and nonfinite == 0 and diff <= GRAD_TOL[precision] and row['syncs'] == 0 and row['h2d'] == 0 and not extra
     row['result'] = 'pass' if ok else 'FAIL' + (f' ({extra})' if extra else '')
     return row
 
@@ -377,10 +386,10 @@ def sampling_speed(ctx, batch=256, reps=5):
 # ----------------------------------------------------------------------------
 
 def print_table(rows):
-    head = ['part', 'method', 'config', 'precision', 'img/s', 'peak GiB', 'grad diff', 'syncs', 'result']
+    head = ['part', 'method', 'config', 'precision', 'img/s', 'peak GiB', 'grad diff', 'syncs', 'h2d', 'result']
     fmt = lambda v, f: '-' if v is None else f.format(v)
     lines = [[r['part'], r['method'], r['config'], r['precision'], fmt(r.get('img_per_s'), '{:.1f}'),
-              fmt(r.get('peak_gib'), '{:.2f}'), fmt(r.get('grad_diff'), '{:.2e}'), fmt(r.get('syncs'), '{}'), r['result']]
+              fmt(r.get('peak_gib'), '{:.2f}'), fmt(r.get('grad_diff'), '{:.2e}'), fmt(r.get('syncs'), '{}'), fmt(r.get('h2d'), '{}'), r['result']]
              for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     for line in [head, ['-' * w for w in widths], *lines]:

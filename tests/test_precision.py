@@ -207,26 +207,52 @@ def test_fp16_resume_is_bitwise_exact_with_the_loss_scale(data, tmp_path):
 
 @pytest.fixture(scope='module')
 def rehearsal_inputs(tmp_path_factory):
+    """The CPU rehearsal's CIFAR-10 configuration: EDM and KD augment (EDM's setting) and train with dropout 0.13."""
     workdir = str(tmp_path_factory.mktemp('gpu-check'))
     device = torch.device('cpu')
-    config = gpu_check.TINY['imagenet64']
+    config = gpu_check.TINY['cifar10']
+    assert config['dropout'] > 0 and config['augment_dim'] > 0
     return dict(workdir=workdir, config=config, lpips=gpu_check.write_lpips_weights(workdir),
-                paths=gpu_check.write_inputs(workdir, 'imagenet64', config, device))
+                paths=gpu_check.write_inputs(workdir, 'cifar10', config, device))
 
 
 @pytest.mark.parametrize('method', gpu_check.METHODS)
-def test_no_host_sync_inside_a_training_step(rehearsal_inputs, method):
+def test_no_host_sync_or_host_copy_inside_a_training_step(rehearsal_inputs, method):
+    """No host sync and no host-to-device copy (bench/sync_counter.py: CUDA's placement emulated on the CPU) in any
+    step, augmentation and dropout on, across PD's round boundary (step 2) and DisBack's stage switches."""
     c = rehearsal_inputs
     with networks.backbone_precision('fp16'), optim.loss_scaling('dynamic'):
         m = gpu_check.build_method(method, c['config'], c['paths'], c['lpips'], torch.device('cpu'), 4, c['workdir'], 32)
         from training.dataset import ImageFolderDataset
         dataset = ImageFolderDataset(path=c['paths']['data'], use_labels=True)
+        training_stats.collect()  # statistics' host accumulators are then made inside the counter, which sees them
         for step in range(4):
             rounds = gpu_check.rounds_for(step, dataset, 4, torch.device('cpu'))
-            with gpu_check.SyncCounter('cpu') as counter:
+            with gpu_check.SyncCounter('cpu') as counter, gpu_check.HostCopyCounter('cpu') as copies:
                 m.step(rounds, step * 4)
             assert counter.calls == [], (method, step, counter.calls)
+            assert copies.calls == [], (method, step, copies.calls)
+        if method == 'pd':
+            assert m.round == 1
     training_stats.collect()
+
+
+def test_host_copy_counter_sees_the_copies_it_is_for():
+    """The counter's CPU emulation on the patterns the step code had: each kind is counted, device-side work is not."""
+    x = torch.ones(4)
+    with gpu_check.HostCopyCounter('cpu') as c:
+        torch.as_tensor(0.5, dtype=torch.float32, device=x.device)                     # Python number on the device
+        torch.tensor([1, 2], device=x.device)                                          # list on the device
+        torch.arange(3, dtype=torch.float64).mul(0.5).to(x.device)                     # made on the host, moved
+        torch.from_numpy(np.ones(2)).to(x.device)                                      # numpy, moved
+        x[torch.arange(2)]                                                             # host index of a device tensor
+        x.new_tensor([1.0])                                                            # host data on x's device
+    assert len(c.calls) == 6, c.calls
+    with gpu_check.HostCopyCounter('cpu') as c:
+        torch.full([3], 0.5, device=x.device) * torch.arange(3, device=x.device)     # made on the device
+        torch.as_tensor(x, device=x.device).to(torch.float64).to(x.device)            # already there
+        x * torch.tensor(2.0)                                                          # a host scalar: a kernel argument
+    assert c.calls == []
 
 # ----------------------------------------------------------------------------
 # The GPU check command, rehearsed on the CPU: every method, both configurations, every precision, the CLI paths.

@@ -93,17 +93,23 @@ def test_batch_gpu_does_not_change_result(data, tmp_path, dropout):
 
 
 def test_step_random_draws_in_chunks():
-    """A step's random numbers are consecutive draws of at most DRAW_CHUNK elements from one generator (so that
-    CUDA's numbers do not depend on the GPU model), laid out row by row over the global batch."""
-    from training.batching import DRAW_CHUNK, StepRandom, stable_seed
-    rand = StepRandom(seed=3, step=5, batch_size=3, device='cpu')
-    shape = [(2 * DRAW_CHUNK + 5) // 3]  # two chunks and 5 elements: a normal draw of 5 is not the tail of a large one
+    """A step's random numbers are chunks of at most DRAW_CHUNK elements of the flattened global batch, chunk j from
+    its own generator (so that CUDA's numbers do not depend on the GPU model), and a rank's rows are those rows of
+    the global array, drawn from the chunks that overlap them only."""
+    from training.batching import DRAW_CHUNK, Round, StepRandom, stable_seed
+    shape = [(2 * DRAW_CHUNK + 5) // 3]  # three rows: two whole chunks and one of 5 elements
     numel = 3 * shape[0]
-    for kind, draw in [('randn', torch.randn), ('rand', torch.rand),
-                       ('randint', lambda n, generator: torch.randint(9, n, generator=generator))]:
-        g = torch.Generator().manual_seed(stable_seed(3, 5, kind, 'x'))
-        expected = torch.cat([draw([min(DRAW_CHUNK, numel - i)], generator=g) for i in range(0, numel, DRAW_CHUNK)])
-        assert torch.equal(rand._draw(kind, 'x', shape, 9 if kind == 'randint' else None), expected.reshape(3, *shape))
+    for kind, draw, high in [('randn', torch.randn, None), ('rand', torch.rand, None),
+                             ('randint', lambda n, generator: torch.randint(9, n, generator=generator), 9)]:
+        expected = torch.cat([draw([min(DRAW_CHUNK, numel - i)], generator=torch.Generator().manual_seed(
+            stable_seed(3, 5, kind, 'x', i // DRAW_CHUNK))) for i in range(0, numel, DRAW_CHUNK)]).reshape(3, *shape)
+        rand = StepRandom(seed=3, step=5, batch_size=3, device='cpu')
+        assert torch.equal(rand._draw(kind, 'x', shape, high, 0, 3), expected)
+        rank = StepRandom(seed=3, step=5, batch_size=3, device='cpu')  # the rank holding row 2 only
+        r = Round(None, None, rank, 2, 1)
+        got = r.randint('x', 9, *shape) if kind == 'randint' else getattr(r, kind)('x', *shape)
+        assert torch.equal(got, expected[2:])
+        assert sorted(k[-1] for k in rank._cache) == [1, 2]  # row 2 spans chunks 1 and 2: chunk 0 is not drawn
 
 
 def assert_same_update(a, b, seed, net_kwargs):

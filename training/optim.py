@@ -36,7 +36,7 @@ class LossScaler:
 
     def __init__(self, device, static=None, init_scale=2.0 ** 16, growth_interval=2000):
         self.dynamic = static is None
-        self.scale = torch.tensor(float(static or init_scale), device=device)
+        self.scale = torch.full([], float(static or init_scale), device=device)  # a fill: no host-to-device copy
         self.good_steps = torch.zeros([], dtype=torch.int64, device=device)
         self.growth_interval = growth_interval
 
