@@ -254,6 +254,22 @@ def test_host_copy_counter_sees_the_copies_it_is_for():
         x * torch.tensor(2.0)                                                          # a host scalar: a kernel argument
     assert c.calls == []
 
+def test_gpu_check_data_has_every_network_label_count(tmp_path):
+    """The GPU check's data and networks agree in both configurations, official and tiny: 64 images labelled
+    `i % 1000` once gave an ImageNet-64 dataset of 64 classes against a 1000-class network, which the tiny config
+    (then 4 classes) hid. Tiny configs now differ from the official ones in sizes only, labels derived by one function."""
+    from training.dataset import ImageFolderDataset, check_network_matches
+    for name, config in gpu_check.CONFIGS.items():
+        sizes = set(gpu_check.SHRINK) | {'channel_mult'}
+        assert {k: v for k, v in gpu_check.TINY[name].items() if k not in sizes} == \
+            {k: v for k, v in config.items() if k not in sizes}
+    assert gpu_check.CONFIGS['imagenet64']['label_dim'] == 1000 and gpu_check.CONFIGS['cifar10']['label_dim'] == 10
+    config = gpu_check.TINY['imagenet64']
+    save_dataset(str(tmp_path / 'data.zip'), [np.zeros([16, 16, 3], np.uint8)] * 64, gpu_check.class_labels(64, 1000))
+    dataset = ImageFolderDataset(path=str(tmp_path / 'data.zip'), use_labels=True)
+    check_network_matches(gpu_check.make_network(config, 0), dataset, 'the check itself is wrong')
+    assert dataset.label_dim == 1000 and gpu_check.class_labels(64, 10)[::7] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+
 # ----------------------------------------------------------------------------
 # The GPU check command, rehearsed on the CPU: every method, both configurations, every precision, the CLI paths.
 
