@@ -56,6 +56,33 @@ def test_backbone_precision_governs_every_network_whatever_use_fp16():
             pass
 
 
+@pytest.mark.parametrize('model_type', ['SongUNet', 'DhariwalUNet'])
+@pytest.mark.parametrize('precision', ['bf16', 'fp16'])
+def test_backbone_activations_in_the_run_precision_under_cuda_autocast(monkeypatch, model_type, precision):
+    """CUDA autocast runs group_norm in fp32 (its fp32 op list; CPU autocast does not): emulated here by casting
+    group_norm's inputs to fp32 whenever autocast is on. Every GroupNorm, convolution, linear layer and block output
+    of the backbone is still in the run's precision; the fp32 path is bitwise plain group_norm."""
+    real = torch.nn.functional.group_norm
+
+    def cuda_autocast_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+        if torch.is_autocast_enabled(x.device.type):
+            x, weight, bias = x.float(), weight.float(), bias.float()
+        return real(x, num_groups, weight, bias, eps)
+    monkeypatch.setattr(torch.nn.functional, 'group_norm', cuda_autocast_group_norm)
+    torch.manual_seed(0)
+    net = networks.EDMPrecond(img_resolution=8, img_channels=3, model_type=model_type, model_channels=16,
+                              channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0)
+    seen = []
+    for module in net.model.modules():
+        if isinstance(module, (networks.GroupNorm, networks.Conv2d, networks.Linear, networks.UNetBlock)):
+            module.register_forward_hook(lambda m, i, o: seen.append((type(m).__name__, o.dtype)))
+    with networks.backbone_precision(precision):
+        net(torch.randn([2, 3, 8, 8]), torch.full([2], 1.5))
+    assert len(seen) > 20 and {dtype for _, dtype in seen} == {networks.PRECISIONS[precision]}, set(seen)
+    norm, x = networks.GroupNorm(16), torch.randn([2, 16, 4, 4])
+    assert torch.equal(norm(x), real(x, norm.num_groups, norm.weight, norm.bias, norm.eps))
+
+
 def test_fp16_underflow_without_loss_scaling_and_its_cure():
     """The review's finding, reproduced: DMD's loss is a mean over C*H*W, so at ImageNet-64's per-GPU batch of 35
     and a median |grad| of 0.1 the gradient reaching the backbone output is ~2e-7 per element, subnormal in fp16.

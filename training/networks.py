@@ -116,8 +116,11 @@ class GroupNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(num_channels))
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
 
+    # On x's dtype, autocast off: CUDA autocast lists group_norm as an fp32 op (CPU autocast does not), which would
+    # make every norm and SiLU activation fp32 on a GPU. The kernels accumulate in fp32 (EDM's use_fp16 path).
     def forward(self, x):
-        return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
 
 # ----------------------------------------------------------------------------
 # Multi-head self-attention over pixels. qkv: [N, 3*C, H, W], channels ordered (head, channel-in-head, {q,k,v}) as in
