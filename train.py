@@ -46,17 +46,23 @@ def next_run_dir(outdir, desc):
 
 
 def resolve_precision(opts, device):
-    """(precision, loss scaling) of the run: bf16 on CUDA for distillation (DMD2's choice), EDM's --fp16 for
+    """(precision, loss scaling, note for the log's first line or None) of the run: bf16 on CUDA for distillation
+    (DMD2's choice) where the GPU has bf16 hardware, else fp16 (V100, T4: bf16 would be emulated), EDM's --fp16 for
     teachers, fp32 on the CPU; fp16 scales its losses (dynamic, or EDM's static --ls)."""
     if opts.fp16 and opts.precision not in (None, 'fp16'):
         raise click.ClickException(f'--fp16=1 means --precision=fp16, but --precision={opts.precision}; drop one of them')
     precision = opts.precision or ('fp16' if opts.fp16 else 'bf16' if device.type == 'cuda' and opts.method != 'edm' else 'fp32')
+    note = None
+    if precision == 'bf16' and opts.precision is None and not torch.cuda.is_bf16_supported(including_emulation=False):
+        precision = 'fp16'
+        note = (f'Precision: fp16 with loss scaling, not the default bf16: {torch.cuda.get_device_name(device)} has no '
+                f'bf16 hardware (--precision=fp32 for full precision)')
     if opts.ls is not None and precision != 'fp16':
         raise click.ClickException(f'--ls is a static fp16 loss scale, but the run is {precision}; drop --ls or use --precision=fp16')
     if opts.tf32 and device.type != 'cuda':
         raise click.ClickException('--tf32 applies to CUDA only; drop it on the CPU')
     opts.precision = precision
-    return precision, (None if precision != 'fp16' else opts.ls or 'dynamic')
+    return precision, (None if precision != 'fp16' else opts.ls or 'dynamic'), note
 
 
 def open_dataset(data, cond, xflip, cache, max_size=None):
@@ -501,7 +507,7 @@ def _main(opts):
                                    f'(--batch={opts.batch} over {world_size} processes)')
 
     c = dnnlib.EasyDict()
-    c.precision, c.loss_scaling = resolve_precision(opts, device)
+    c.precision, c.loss_scaling, precision_note = resolve_precision(opts, device)
     c.tf32 = opts.tf32
     ds = None
     if opts.data is not None:
@@ -604,6 +610,8 @@ def _main(opts):
             else:
                 run_dir.record_resume(c.run_dir, resume_from, resume_changes)
             logger = dnnlib.util.Logger(os.path.join(c.run_dir, 'log.txt'), file_mode='a')
+            if precision_note:  # the log's first line
+                print(precision_note)
             if removed:
                 print(f'Removed {len(removed)} temp file(s) left by a killed run: {", ".join(removed)}')
         _print_options(c, world_size)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dnnlib
 import train
 from dataset_tool import save_dataset
 from torch_utils import training_stats
@@ -197,6 +198,28 @@ def test_cli_precision_recorded(data, tmp_path, args, precision, scaling, use_fp
     options = json.load(open(tmp_path / run_dir / 'training_options.json'))
     assert options['precision'] == precision and options['loss_scaling'] == scaling and options['tf32'] is False
     assert options['method_kwargs']['network_kwargs']['use_fp16'] == use_fp16
+
+
+@pytest.mark.parametrize('bf16_hardware, method, asked, precision, scaling', [
+    (True, 'dmd', None, 'bf16', None),          # A100/H100: DMD2's bf16
+    (False, 'dmd', None, 'fp16', 'dynamic'),    # V100/T4: fp16 with loss scaling, said on the log's first line
+    (False, 'dmd', 'bf16', 'bf16', None),       # asked for: emulated, but as asked
+    (False, 'edm', None, 'fp32', None),         # EDM's default is fp32 (its --fp16 is opt-in)
+])
+def test_cuda_default_precision_follows_bf16_hardware(monkeypatch, bf16_hardware, method, asked, precision, scaling):
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: calls.append(
+        including_emulation) or bf16_hardware)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Tesla V100-SXM2-16GB')
+    opts = dnnlib.EasyDict(fp16=False, precision=asked, ls=None, tf32=False, method=method)
+    got, got_scaling, note = train.resolve_precision(opts, torch.device('cuda'))
+    assert (got, got_scaling, opts.precision) == (precision, scaling, precision)
+    assert set(calls) <= {False}  # hardware bf16 only: torch's default also counts emulation as support
+    if precision == 'fp16':
+        assert note == ('Precision: fp16 with loss scaling, not the default bf16: Tesla V100-SXM2-16GB has no bf16 '
+                        'hardware (--precision=fp32 for full precision)')
+    else:
+        assert note is None
 
 
 @pytest.mark.parametrize('args, message', [
