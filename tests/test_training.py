@@ -359,3 +359,22 @@ def test_snapshot_loss_and_augment_pipe_run_under_edms_own_code(data, tmp_path):
     assert out['loss'] == [4, 3, 8, 8] and out['finite'] and out['y'] == [4, 3, 8, 8] and out['augment_labels'] == [4, 9]
     assert all(m.startswith('_imported_module_') for m in out['modules']), out['modules']  # the embedded sources ran
     assert out['dataset_kwargs'] == 'dict'
+
+
+def test_ema_update_is_the_half_life_formula():
+    """One fused update (torch._foreach_lerp_) equals EDM's ema <- beta ema + (1 - beta) net, beta = 0.5^(batch /
+    min(half-life, ramp-up ratio x images seen)), to float32 rounding; buffers are copied."""
+    from training.ema import EMA
+    torch.manual_seed(0)
+    net = torch.nn.BatchNorm1d(5)  # parameters and buffers
+    ema = EMA(net, halflife_kimg=0.5, rampup_ratio=0.05)
+    with torch.no_grad():
+        for t in [*net.parameters(), *net.buffers()]:
+            t.copy_(torch.randn(t.shape) if t.is_floating_point() else t + 3)
+    before = [p.detach().double().clone() for p in ema.ema.parameters()]
+    ema.update(cur_nimg=4000, batch_size=64)  # ramp-up: half-life min(500, 200) images
+    beta = 0.5 ** (64 / 200)
+    for b, p_net, p_ema in zip(before, net.parameters(), ema.ema.parameters()):
+        torch.testing.assert_close(p_ema.double(), beta * b + (1 - beta) * p_net.double(), rtol=0, atol=1e-6)
+        assert not torch.equal(p_ema, p_net)
+    assert all(torch.equal(a, b) for a, b in zip(ema.ema.buffers(), net.buffers()))
