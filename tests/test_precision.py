@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -128,6 +129,26 @@ def test_loss_scaler_backs_off_grows_and_static_stays():
     static = optim.LossScaler('cpu', static=128.0)
     static.update(torch.tensor(1.0))
     assert float(static.scale) == 128
+
+
+def test_loss_scale_stops_at_its_floor_and_the_run_is_diverged():
+    """A scale halved on every non-finite gradient would reach 0 and skip every later step unnoticed: it stops at
+    FLOOR = 1, a non-finite gradient there is flagged, and the loop's tick check ends the run as diverged."""
+    s = optim.LossScaler('cpu', init_scale=4.0)
+    seen = [(float(s.scale), float(s.update(torch.tensor(1.0)))) for _ in range(4)]
+    assert seen == [(4, 0), (2, 0), (1, 1), (1, 1)] and float(s.scale) == 1
+    assert optim.LossScaler('cpu', static=0.5).update(torch.tensor(1.0)) is None  # a static scale is the user's
+    lin = torch.nn.Linear(3, 2)
+    training_stats.collect()
+    with optim.loss_scaling('dynamic'):
+        u = optim.Updater(lin.parameters(), 'G', lr=0.1)
+    u.scaler.scale = torch.tensor(1.0)
+    u.backward([0], lambda _: lin(torch.full([1, 3], float('inf'))).sum(dim=1), 1)
+    u.step(0.1)
+    health = training_stats.collect(prefix=('Loss/', 'Health/'))
+    assert health['Health/scale_floor_G']['mean'] == 1
+    assert loop_module._divergence(health, types.SimpleNamespace(networks=lambda: {'G': lin})) == \
+        "the gradient of G was non-finite at the fp16 loss scale's floor 1 (it overflows fp16 unscaled)"
 
 
 @pytest.mark.parametrize('class_name', ['torch.optim.AdamW', 'torch.optim.RMSprop'])  # fused kernel; host-side skip

@@ -434,6 +434,10 @@ def _divergence(health, method):
     dead = [name for name, s in health.items() if name.startswith('Loss/') and s['num'] == 0]
     if dead:
         return f'{dead[0]} was non-finite in every step of the tick ({int(health[dead[0]]["nonfinite"])} values)'
+    floored = [name[len('Health/scale_floor_'):] for name, s in health.items() if name.startswith('Health/scale_floor_') and s['mean']]
+    if floored:
+        return (f'the gradient of {floored[0]} was non-finite at the fp16 loss scale\'s floor '
+                f'{optim.LossScaler.FLOOR:g} (it overflows fp16 unscaled)')
     if not misc.all_finite(method.networks().values()):
         return 'non-finite weights'
     return None
