@@ -85,6 +85,22 @@ def test_backbone_activations_in_the_run_precision_under_cuda_autocast(monkeypat
     assert torch.equal(norm(x), real(x, norm.num_groups, norm.weight, norm.bias, norm.eps))
 
 
+def test_tf32_reaches_pd_fp32_teacher_forwards(monkeypatch):
+    """PD's teacher runs in fp32 in any precision (force_fp32): --tf32 (the loop's global CUDA flags) still applies
+    inside those forwards, which dominate a bf16 PD step; nothing on the way turns it off."""
+    from training.distill.progressive import pd_target
+    net, seen = adm(8), []
+    real_forward = net.model.forward
+    monkeypatch.setattr(net.model, 'forward', lambda *a, **k: seen.append(
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.is_autocast_enabled('cpu')))
+        or real_forward(*a, **k))
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', True)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', True)
+    with networks.backbone_precision('bf16'):
+        pd_target(net, torch.randn([2, 3, 8, 8]), torch.full([2], 2.0), torch.full([2], 1.0), torch.full([2], 0.5))
+    assert seen == [(True, True, False)] * 2  # two teacher forwards, fp32 (autocast off), TF32 allowed
+
+
 def test_fp16_underflow_without_loss_scaling_and_its_cure():
     """The review's finding, reproduced: DMD's loss is a mean over C*H*W, so at ImageNet-64's per-GPU batch of 35
     and a median |grad| of 0.1 the gradient reaching the backbone output is ~2e-7 per element, subnormal in fp16.
