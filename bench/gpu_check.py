@@ -6,13 +6,15 @@
 Part 1, in one process (on the CPU: one per configuration, beside part 2), for each method (edm, dmd with pairs
 and LPIPS, dmd with the GAN head, disback through its stage switch, pd across a round boundary, guided, kd, sid with
 SiDA's GAN term, sid-disback through its stage switch), each configuration (CIFAR-10 DDPM++ cond 32x32; ImageNet-64 ADM cond with use_fp16=True) and each
-precision (fp32, bf16, fp16): a few training steps with images/s, peak GPU memory, host syncs and host-to-device copies inside the steps
-(CUDA's sync debug mode) and the first step's gradient difference from fp32 (relative L2 over every updated network,
+precision (fp32, bf16, fp16): a few training steps with images/s, peak GPU memory, host syncs (CUDA's sync debug
+mode) and host-to-device copies inside the steps, and the first step's gradient difference from fp32 (relative L2 over every updated network,
 same weights, same random streams, nothing applied).
+Part 1 runs under train.py's default TF32 and cuDNN benchmark settings, with the official dropout.
 Part 2, the command lines: `torchrun --nproc_per_node=1 train.py --method=dmd` (pairs, LPIPS, GAN head) stopped by
-SIGTERM and resumed, the same with 2 processes when two GPUs exist (equal to 1 process), then generate.py and fid.py
-(pixel detector) on the result. Part 3 (CUDA only): DMD step time and peak memory at the official per-GPU batches
-(ImageNet-64 35, CIFAR-10 49) in bf16, fp32 and fp32 with TF32, and generate.py's images/s for a one-step student
+SIGTERM and resumed (equal to an uninterrupted run: bitwise on the CPU and under --deterministic), the same with 2
+processes when two GPUs exist (equal to 1 process), then generate.py and fid.py (pixel detector) on the result,
+generate.py against the API on a use_fp16 network, and with two GPUs an error injected on one of 2 processes.
+Part 3 (CUDA only): DMD step time and peak memory at the official per-GPU batches (ImageNet-64 35, CIFAR-10 49) in bf16, fp32 and fp32 with TF32, and generate.py's images/s for a one-step student
 against a raw forward pass of the same network.
 
 The networks are randomly initialised (no weights can be downloaded); speed and memory do not depend on the values.
@@ -45,8 +47,10 @@ from training import networks, optim  # noqa: E402
 from training.batching import Round, StepRandom  # noqa: E402
 from training.dataset import ImageFolderDataset, check_network_matches  # noqa: E402
 from training.distill import kd  # noqa: E402
+import train  # noqa: E402 (its option defaults: the backend settings part 1 measures under)
 
 PRECISIONS = ['fp32', 'bf16', 'fp16']
+TRAIN_DEFAULTS = {p.name: p.default for p in train.main.params}
 METHODS = ['edm', 'dmd', 'dmd-gan', 'disback', 'pd', 'guided', 'kd', 'sid', 'sid-disback']
 GRAD_TOL = dict(fp32=0, bf16=0.15, fp16=0.05)  # relative L2 error of the first step's gradient against fp32
 
@@ -115,6 +119,12 @@ def write_lpips_weights(workdir):
 
 # ----------------------------------------------------------------------------
 # Part 1: every method, configuration and precision in one process.
+
+def training_backends(tf32=None):
+    """TF32 and cuDNN benchmarking as a train.py run sets them by default (tf32: as --tf32 would, for part 3)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = TRAIN_DEFAULTS['tf32'] if tf32 is None else tf32
+    torch.backends.cudnn.benchmark = TRAIN_DEFAULTS['bench']
+
 
 def build_method(method, config, paths, lpips, device, batch, workdir, lpips_resolution):
     from training.distill.disback import DisBack, SiDDisBack
@@ -186,7 +196,7 @@ def first_step_gradients(method, rounds):
         flat = self.flat / (self.scaler.scale if self.scaler is not None else 1)
         if not torch.isfinite(flat).all():
             overflow.add(self.name)
-        grads[self.name] = flat.clone()
+        grads[self.name] = flat.cpu()  # not kept on the GPU: the cell's peak memory is the training steps' alone
         for p in self.params:
             p.grad = None
         self.flat = None
@@ -233,16 +243,20 @@ def check_cell(method_name, config_name, precision, ctx, reference):
                 if device.type == 'cuda':
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
-            with SyncCounter(device) as counter, HostCopyCounter(device) as copied:
+            # The copy counter sees every torch call (Python overhead): on CUDA it runs in the untimed first step
+            # only; later steps' pageable copies wait for the stream, which the sync counter reports.
+            counted = step == 0 or device.type == 'cpu'
+            copy_counter = HostCopyCounter(device) if counted else contextlib.nullcontext()
+            with SyncCounter(device) as counter, copy_counter:
                 method.step(rounds, step * batch)
             syncs.append(counter.count)
-            copies.append(copied.count)
+            copies.append(copy_counter.count if counted else 0)
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
         row['img_per_s'] = (steps - 1) * batch / (time.perf_counter() - start)
         row['peak_gib'] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else None
         row['syncs'] = max(syncs[1:])
-        row['h2d'] = max(copies)  # host-to-device copies: none in any step, the first included
+        row['h2d'] = max(copies)  # host-to-device copies: none in any step counted, the first included
         stats = training_stats.collect(device)
         nonfinite = sum(v.get('nonfinite', 0) for k, v in stats.items() if k.startswith('Loss/'))
         finite = all(torch.isfinite(p).all() for net in method.networks().values() for p in net.parameters())
@@ -287,17 +301,31 @@ def torchrun(nproc, *args):
     return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', *args]
 
 
-def check_cli(ctx, nproc):
-    """DMD (pairs, LPIPS, GAN head) under torchrun: run, SIGTERM after the first state, resume to the end. The
-    global batch is the same for 1 and 2 processes."""
-    device, paths = ctx['device'], ctx['inputs']['cifar10']
-    outdir = os.path.join(ctx['workdir'], f'cli-{nproc}')
-    batch, steps = ctx['batch'] * 2, 6
+def train_args(ctx, outdir):
+    """train.py's DMD command line of part 2 (pairs, LPIPS, GAN head); the global batch is the same for 1 and 2
+    processes. Under --deterministic where train.py has it (CUDA: bitwise resume)."""
+    device, paths, batch = ctx['device'], ctx['inputs']['cifar10'], ctx['batch'] * 2
     # LPIPS runs at 224 pixels: the CPU rehearsal regresses with L2 here (part 1 covers LPIPS at a small size).
     reg = [f'--lpips-vgg={ctx["lpips"]["vgg"]}', f'--lpips-lin={ctx["lpips"]["lin"]}'] if ctx['lpips_resolution'] == 224 else ['--reg-loss=l2']
-    args = ['train.py', '--method=dmd', f'--teacher={paths["teacher"]}', f'--data={paths["data"]}', '--cond=1',
-            f'--pairs={paths["pairs"]}', *reg, '--gan-g=3e-3', f'--batch={batch}', f'--tick={batch / 1000}', '--snap=2', '--dump=1', '--seed=1',
-            f'--device={device.type}', f'--outdir={outdir}', '--nosubdir', f'--duration={steps * batch / 1e6}', '--workers=0']
+    det = [] if device.type == 'cpu' or 'deterministic' not in TRAIN_DEFAULTS else ['--deterministic=1']
+    return ['train.py', '--method=dmd', f'--teacher={paths["teacher"]}', f'--data={paths["data"]}', '--cond=1',
+            f'--pairs={paths["pairs"]}', *reg, *det, '--gan-g=3e-3', f'--batch={batch}', f'--tick={batch / 1000}', '--snap=2',
+            '--dump=1', '--seed=1', f'--device={device.type}', f'--outdir={outdir}', '--nosubdir',
+            f'--duration={CLI_STEPS * batch / 1e6}', '--workers=0']
+
+
+CLI_STEPS = 6
+
+
+def final_state(run_dir):
+    return torch.load(max((os.path.join(run_dir, n) for n in os.listdir(run_dir) if n.startswith('training-state')),
+                          key=os.path.getmtime), map_location='cpu', weights_only=True)
+
+
+def check_cli(ctx, nproc):
+    """DMD under torchrun: run, SIGTERM after the first state, resume to the end."""
+    outdir = os.path.join(ctx['workdir'], f'cli-{nproc}')
+    args = train_args(ctx, outdir)
     row = dict(part='2', method=f'train.py dmd x{nproc}', config='cifar10', precision='default')
     start = time.perf_counter()
     proc = subprocess.Popen(torchrun(nproc, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -308,13 +336,54 @@ def check_cli(ctx, nproc):
     out, _ = proc.communicate(timeout=300)
     stopped = 'resume with --resume' in out
     run(torchrun(nproc, *args, f'--resume={outdir}'))
-    row['img_per_s'] = steps * batch / (time.perf_counter() - start)
-    state = torch.load(max((os.path.join(outdir, n) for n in os.listdir(outdir) if n.startswith('training-state')),
-                           key=os.path.getmtime), map_location='cpu', weights_only=True)
-    row['result'] = 'pass' if stopped and state['method']['num_steps'] == steps else f'FAIL (stopped={stopped})'
+    row['img_per_s'] = CLI_STEPS * ctx['batch'] * 2 / (time.perf_counter() - start)
+    state = final_state(outdir)
+    row['result'] = 'pass' if stopped and state['method']['num_steps'] == CLI_STEPS else f'FAIL (stopped={stopped})'
     row['options'] = json.load(open(os.path.join(outdir, 'training_options.json')))
     row['precision'] = row['options']['precision']
     return row, outdir, state
+
+
+def check_resume_exact(ctx, resumed):
+    """The stopped and resumed 1-process run against an uninterrupted one: bitwise on the CPU and under
+    --deterministic; else (CUDA's non-deterministic kernels) within the 1-vs-2-process tolerance."""
+    outdir = os.path.join(ctx['workdir'], 'cli-uninterrupted')
+    args = train_args(ctx, outdir)
+    run(torchrun(1, *args))
+    full = final_state(outdir)['method']['G']
+    bitwise = ctx['device'].type == 'cpu' or '--deterministic=1' in args
+    diff = relative_diff(resumed['method']['G'], full)
+    ok = all(torch.equal(resumed['method']['G'][k], full[k]) for k in full) if bitwise else diff < 1e-4
+    return dict(part='2', method='resumed vs uninterrupted, G' + (' (bitwise)' if bitwise else ''), config='cifar10',
+                precision='default', grad_diff=diff, result='pass' if ok else 'FAIL')
+
+
+def relative_diff(a, b):
+    """Relative L2 distance over all of a state dict's tensors."""
+    a, b = (torch.cat([v.double().flatten() for v in s.values()]) for s in (a, b))
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check_error_injection(ctx):
+    """2 processes, an error on one rank (a CUDA OOM in rank 1's third step; a full disk in rank 0's state write):
+    the whole job ends within 60 s (not at the collective timeout), exit code 1, train.py's one-line error."""
+    rows = []
+    for rank, at in [(1, 'step'), (0, 'state')]:
+        outdir = os.path.join(ctx['workdir'], f'inject-{at}')
+        args = ['bench/inject_error.py', *train_args(ctx, outdir)[1:]]
+        env = dict(os.environ, INJECT_RANK=str(rank), INJECT_AT=at, EDM_DISTILL_TIMEOUT_MIN='5')
+        start = time.perf_counter()
+        try:
+            p = subprocess.run(torchrun(2, *args), cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+            code, out = p.returncode, p.stdout + p.stderr
+        except subprocess.TimeoutExpired:
+            code, out = None, ''
+        sec = time.perf_counter() - start
+        one_line = any(line.startswith('Error: ') and '(injected)' in line for line in out.splitlines())
+        ok = code == 1 and one_line and sec < 60
+        rows.append(dict(part='2', method=f'x2, error on rank {rank} ({at})', config='cifar10', precision='default',
+                         result='pass' if ok else f'FAIL (exit {code}, {sec:.0f} s, one line {one_line})'))
+    return rows
 
 
 def check_generate_fid(ctx, run_dir):
@@ -335,13 +404,29 @@ def check_generate_fid(ctx, run_dir):
     ok = len([n for n in os.listdir(images) if n.endswith('.png')]) == 64 and value and np.isfinite(float(value[-1]))
     return dict(part='2', method='generate.py + fid.py', config='cifar10', precision='auto', result='pass' if ok else 'FAIL')
 
+def check_generate_use_fp16(ctx):
+    """generate.py (its command line in this process) and generate.generate_batch sample a use_fp16 network (the
+    ImageNet-64 teacher) alike: identical images (EDM's rule, one code path: fp16 autocast on CUDA, fp32 on the CPU)."""
+    import generate
+    import PIL.Image
+    device, pkl = ctx['device'], ctx['inputs']['imagenet64']['teacher']
+    images = os.path.join(ctx['workdir'], 'images-use-fp16')
+    generate.main([f'--network={pkl}', f'--outdir={images}', '--seeds=0-3', '--steps=2', f'--device={device.type}'],
+                  standalone_mode=False)
+    cli = np.stack([np.asarray(PIL.Image.open(generate.image_path(images, s))).transpose(2, 0, 1) for s in range(4)])
+    net = generate.load_network(pkl, device)
+    api = generate.generate_batch(net, list(range(4)), device, num_steps=2).numpy()
+    ok = net.use_fp16 and np.array_equal(cli, api)
+    return dict(part='2', method='generate.py = API, use_fp16', config='imagenet64', precision='auto',
+                result='pass' if ok else 'FAIL')
+
 # ----------------------------------------------------------------------------
 # Part 3 (CUDA): DMD at the official per-GPU batches, and one-step sampling speed.
 
 def dmd_speed(ctx, config_name, batch, precision, tf32, steps=6):
     from training.distill.dmd import DMD
     device = ctx['device']
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    training_backends(tf32)
     try:
         with networks.backbone_precision(precision):
             teacher = make_network(CONFIGS[config_name], 0).to(device)
@@ -359,13 +444,13 @@ def dmd_speed(ctx, config_name, batch, precision, tf32, steps=6):
                     precision=precision + ('+tf32' if tf32 else ''), img_per_s=batch / sec,
                     peak_gib=torch.cuda.max_memory_allocated(device) / 2**30, result='pass', sec_per_step=sec)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        training_backends()
 
 
 def sampling_speed(ctx, batch=256, reps=5):
     import generate
     device = ctx['device']
-    net = make_network(CONFIGS['cifar10'], 0).to(device)
+    net = make_network(CONFIGS['cifar10'], 0, use_fp16=True).to(device)  # EDM's rule: fp16 on CUDA, as generate.py
     net.sampling_spec = dict(solver='euler', grid='nested', num_steps=1, sigma_min=0.002, sigma_max=80.0, rho=7.0)
     z = torch.randn([batch, 3, 32, 32], device=device)
     c = torch.eye(10, device=device)[torch.arange(batch, device=device) % 10]
@@ -380,7 +465,7 @@ def sampling_speed(ctx, batch=256, reps=5):
                 fn()
             torch.cuda.synchronize(device)
         rates[name] = batch * reps / (time.perf_counter() - start)
-    return [dict(part='3', method=f'one-step sampling: {k}', config='cifar10', precision='auto', img_per_s=v,
+    return [dict(part='3', method=f'one-step sampling: {k}', config='cifar10', precision='auto (use_fp16)', img_per_s=v,
                  result='pass') for k, v in rates.items()]
 
 # ----------------------------------------------------------------------------
@@ -405,9 +490,14 @@ def check_command_lines(ctx):
             rows.append(row)
         except Exception as e:
             rows.append(fail_row(e, part='2', method=f'train.py dmd x{nproc}', config='cifar10', precision='default'))
+    if 1 in states:
+        try:
+            rows.append(check_resume_exact(ctx, states[1]))
+        except Exception as e:
+            rows.append(fail_row(e, part='2', method='resumed vs uninterrupted, G', config='cifar10', precision='default'))
     if len(states) == 2:  # world-size invariance: the same weights from 1 and 2 processes
-        a, b = (torch.cat([v.double().flatten() for v in s['method']['G'].values()]) for s in (states[1], states[2]))
-        diff = ((a - b).norm() / a.norm()).item()  # all of G: a single small bias can differ more (Adam's sign-like steps)
+        # all of G: a single small bias can differ more (Adam's sign-like steps)
+        diff = relative_diff(states[2]['method']['G'], states[1]['method']['G'])
         rows.append(dict(part='2', method='1 vs 2 processes, G', config='cifar10', precision='default', grad_diff=diff,
                          result='pass' if diff < 1e-4 else 'FAIL'))
     if 1 in states:
@@ -415,6 +505,12 @@ def check_command_lines(ctx):
             rows.append(check_generate_fid(ctx, os.path.join(ctx['workdir'], 'cli-1')))
         except Exception as e:
             rows.append(fail_row(e, part='2', method='generate.py + fid.py', config='cifar10', precision='auto'))
+    try:
+        rows.append(check_generate_use_fp16(ctx))
+    except Exception as e:
+        rows.append(fail_row(e, part='2', method='generate.py = API, use_fp16', config='imagenet64', precision='auto'))
+    if ctx['inject']:
+        rows += check_error_injection(ctx)
     return rows
 
 
@@ -426,7 +522,8 @@ def check_command_lines(ctx):
 @click.option('--methods', help='Comma-separated subset of ' + ','.join(METHODS), metavar='LIST', type=str, default=','.join(METHODS))
 @click.option('--workdir', help='Where to write the inputs and runs  [default: a temporary directory]', metavar='DIR', type=str)
 @click.option('--json', 'json_path', help='Also write the rows as JSON here', metavar='PATH', type=str)
-def main(device, tiny, batch, steps, methods, workdir, json_path):
+@click.option('--inject-errors', help='The 2-process error rows  [default: on CUDA with 2 GPUs]', metavar='BOOL', type=bool)
+def main(device, tiny, batch, steps, methods, workdir, json_path, inject_errors):
     """Run every method, precision and command line once; print the table; exit 1 on any failure."""
     if device == 'cuda' and not torch.cuda.is_available():
         raise click.ClickException('--device=cuda, but CUDA is not available; use --device=cpu --tiny')
@@ -443,7 +540,11 @@ def main(device, tiny, batch, steps, methods, workdir, json_path):
     configs = TINY if tiny else CONFIGS
     print(f'gpu_check: {torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}, torch {torch.__version__}, '
           f'{"tiny" if tiny else "official"} configs, workdir {workdir}', flush=True)
+    training_backends()  # part 1 measures what a train.py run executes
+    if inject_errors is None:
+        inject_errors = device.type == 'cuda' and torch.cuda.device_count() >= 2
     ctx = dict(device=device, batch=batch, steps=steps, workdir=workdir, configs=configs, lpips=write_lpips_weights(workdir),
+               inject=inject_errors,
                lpips_resolution=32 if tiny else 224,
                inputs={name: write_inputs(workdir, name, config, device) for name, config in configs.items()})
     pool = None

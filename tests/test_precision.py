@@ -369,6 +369,8 @@ def test_gpu_check_cpu_rehearsal(tmp_path):
     rows = json.load(open(out))
     cells = {(r['method'], r['config'], r['precision']) for r in rows if r['part'] == '1' and r['result'] == 'pass'}
     assert cells == {(m, c, p) for m in gpu_check.METHODS for c in gpu_check.TINY for p in gpu_check.PRECISIONS}
-    assert all(r['grad_diff'] <= gpu_check.GRAD_TOL[r['precision']] for r in rows if r['part'] == '1')
-    assert {r['method'] for r in rows if r['part'] == '2'} == {'train.py dmd x1', 'train.py dmd x2',
-                                                               '1 vs 2 processes, G', 'generate.py + fid.py'}
+    assert all(r['grad_diff'] <= gpu_check.GRAD_TOL[r['precision']] and r['syncs'] == r['h2d'] == 0
+               for r in rows if r['part'] == '1')
+    assert {r['method'] for r in rows if r['part'] == '2'} == {
+        'train.py dmd x1', 'train.py dmd x2', 'resumed vs uninterrupted, G (bitwise)', '1 vs 2 processes, G',
+        'generate.py + fid.py', 'generate.py = API, use_fp16'}
