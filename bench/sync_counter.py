@@ -91,7 +91,8 @@ class HostCopyCounter(torch.overrides.TorchFunctionMode):
     def _mark_host(self, out):
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor) and self.device.type == 'cpu':
-                self._host[id(t)] = weakref.ref(t)
+                key = id(t)  # the entry goes when the tensor does (unless the id was reused meanwhile)
+                self._host[key] = weakref.ref(t, lambda ref, key=key: self._host.get(key) is ref and self._host.pop(key))
 
     def _named_device(self, func, args, kwargs):
         """The device a call names for its result: 'host', 'device', or None (none named)."""
