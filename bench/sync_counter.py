@@ -113,6 +113,7 @@ class HostCopyCounter(torch.overrides.TorchFunctionMode):
             return None
         return 'device' if torch.device(named).type == self.device.type else 'host'
 
+    # Every torch call inside the block: run it, then count it or place its result (host or device).
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -155,6 +156,7 @@ class HostCopyCounter(torch.overrides.TorchFunctionMode):
         torch.from_numpy = lambda a: self._marked(self._from_numpy(a))  # not seen by the mode: always on the host
         return super().__enter__()
 
+    # torch.from_numpy's replacement inside the block: its tensor is on the host.
     def _marked(self, t):
         self._mark_host(t)
         return t
