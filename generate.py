@@ -55,9 +55,7 @@ def autoguided(net, guide_pkl, guidance, device, allow_code):
 
 def inference_precision(net, device, precision):
     """--precision as a backbone precision: 'auto' is EDM's rule (the network's stored use_fp16: fp16 on CUDA)."""
-    if precision != 'auto':
-        return precision
-    return 'fp16' if getattr(net, 'use_fp16', False) and torch.device(device).type == 'cuda' else 'fp32'
+    return precision if precision != 'auto' else networks.edm_precision(net, device)
 
 
 precision_option = click.option('--precision', help='Backbone precision  [default: auto = the network\'s use_fp16 on CUDA, as EDM]',

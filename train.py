@@ -52,7 +52,8 @@ def next_run_dir(outdir, desc):
 
 
 def resolve_precision(opts, device, resolution=None):
-    """(precision, loss scaling) of the run: bf16 on CUDA for distillation (DMD2's choice), EDM's --fp16 for
+    """(precision, loss scaling, note for the log's first line or None) of the run: bf16 on CUDA for distillation
+    (DMD2's choice) where the GPU has bf16 hardware, else fp16 (V100, T4: bf16 would be emulated), EDM's --fp16 for
     teachers, fp32 on the CPU; SiD's official precisions on CUDA (fp32 up to 32x32, fp16 from 64x64: `resolution`,
     of the data or the teacher; fp32 when unknown); fp16 scales its losses (dynamic, or EDM's static --ls)."""
     if opts.fp16 and opts.precision not in (None, 'fp16'):
@@ -61,12 +62,17 @@ def resolve_precision(opts, device, resolution=None):
     if opts.method in ('sid', 'sid-disback'):
         cuda_default = 'fp16' if resolution is not None and resolution >= 64 else 'fp32'
     precision = opts.precision or ('fp16' if opts.fp16 else cuda_default if device.type == 'cuda' else 'fp32')
+    note = None
+    if precision == 'bf16' and opts.precision is None and not torch.cuda.is_bf16_supported(including_emulation=False):
+        precision = 'fp16'
+        note = (f'Precision: fp16 with loss scaling, not the default bf16: {torch.cuda.get_device_name(device)} has no '
+                f'bf16 hardware (--precision=fp32 for full precision)')
     if opts.ls is not None and precision != 'fp16':
         raise click.ClickException(f'--ls is a static fp16 loss scale, but the run is {precision}; drop --ls or use --precision=fp16')
     if opts.tf32 and device.type != 'cuda':
         raise click.ClickException('--tf32 applies to CUDA only; drop it on the CPU')
     opts.precision = precision
-    return precision, (None if precision != 'fp16' else opts.ls or 'dynamic')
+    return precision, (None if precision != 'fp16' else opts.ls or 'dynamic'), note
 
 
 def open_dataset(data, cond, xflip, cache, max_size=None):
@@ -571,7 +577,7 @@ def _main(opts):
                                                prefetch_factor=2 if opts.workers > 0 else None)
     elif opts.method == 'edm':
         raise click.ClickException('--method=edm needs --data=ZIP|DIR (make one with dataset_tool.py)')
-    c.precision, c.loss_scaling = resolve_precision(opts, device, _resolution(opts, ds, device))
+    c.precision, c.loss_scaling, precision_note = resolve_precision(opts, device, _resolution(opts, ds, device))
     c.tf32 = opts.tf32
     with distributed.rank0_first():  # the checks load every network file: rank 0 fills the download cache first
         desc = METHODS[opts.method](opts, c, ds)
@@ -687,6 +693,8 @@ def _main(opts):
             else:
                 run_dir.record_resume(c.run_dir, resume_from, resume_changes)
             logger = dnnlib.util.Logger(os.path.join(c.run_dir, 'log.txt'), file_mode='a')
+            if precision_note:  # the log's first line
+                print(precision_note)
             if removed:
                 print(f'Removed {len(removed)} temp file(s) left by a killed run: {", ".join(removed)}')
         _print_options(c, world_size)

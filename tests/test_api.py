@@ -104,3 +104,20 @@ def test_editable_install_imports_from_any_directory(student_pkl, tmp_path):
     expected = np.stack([by_class[c][k] for k, c in enumerate([1, 3, 3, 1, 1, 3])])
     grid = np.asarray(PIL.Image.open(elsewhere / 'grid.png'))
     assert np.array_equal(grid, expected.reshape(2, 3, 3, 8, 8).transpose(0, 3, 1, 4, 2).reshape(16, 24, 3))
+
+
+def test_api_and_generate_py_sample_a_use_fp16_student_alike(tmp_path, monkeypatch):
+    """One code path for EDM's rule (networks.edm_precision: use_fp16 means fp16 on CUDA): generate_batch outside any
+    precision block and generate.py's --precision=auto run a use_fp16 student the same way. The CUDA answer is
+    emulated on the CPU by a reduced precision CPU autocast has (bf16): the images agree bitwise, and differ from
+    fp32's, so both did go through the rule."""
+    from training import networks
+    net = tiny_net(label_dim=4, seed=5)
+    net.use_fp16 = True
+    net.sampling_spec = dict(ONE_STEP)
+    pkl = write_pkl(tmp_path / 'fp16-student.pkl', net)
+    fp32 = cli_images(pkl, tmp_path / 'fp32', '--precision=fp32')
+    monkeypatch.setattr(networks, 'edm_precision', lambda net, device: 'bf16' if net.use_fp16 else 'fp32')
+    api = generate.generate_batch(generate.load_network(pkl), SEEDS).numpy()
+    assert np.array_equal(api, cli_images(pkl, tmp_path / 'auto'))
+    assert not np.array_equal(api, fp32)

@@ -250,7 +250,7 @@ def test_distance_placement_spreads_what_even_placement_bunches(tmp_path):
     for i, node in enumerate(dist['nodes'][1:], 1):
         assert node['to_teacher'] == pytest.approx(checks[node['update']], rel=1e-6)
         assert abs(node['to_teacher'] / final - i / 4) < 0.1, (i, node)
-    assert dist['first_interval_share'] < 0.3 and dist['warning'] is None
+    assert dist['first_interval_share'] < 0.25 + 0.1 and dist['warning'] is None  # 1/4 within the nodes' tolerance
 
 
 def test_plateau_stop(tmp_path):

@@ -259,3 +259,15 @@ def test_malformed_files_give_clear_errors(make_bytes, match, check_allow_code, 
         with open(path, 'rb') as f, pytest.raises(persistence.PickleLoadError, match=match) as info:
             persistence.load(f, allow_code=allow_code)
         assert str(path) in str(info.value) and '\n' not in str(info.value)
+
+
+def test_storages_saved_on_a_gpu_load_on_the_cpu(monkeypatch):
+    """A third-party pickle records each storage's device: a CUDA one lands on the CPU (map_location), not on its
+    recorded GPU (which would fail here, CUDA being absent, and fill that GPU on a multi-GPU machine)."""
+    import torch.serialization
+    tensor = torch.arange(6.0)
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, 'location_tag', lambda storage: 'cuda:0')
+        blob = pickle.dumps(dict(x=tensor))
+    loaded = persistence.load(io.BytesIO(blob))['x']
+    assert loaded.device.type == 'cpu' and torch.equal(loaded, tensor)

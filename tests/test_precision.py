@@ -5,12 +5,14 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
+import dnnlib
 import train
 from dataset_tool import save_dataset
 from torch_utils import training_stats
@@ -54,6 +56,49 @@ def test_backbone_precision_governs_every_network_whatever_use_fp16():
     with pytest.raises(ValueError, match='fp32, bf16 or fp16'):
         with networks.backbone_precision('tf32'):
             pass
+
+
+@pytest.mark.parametrize('model_type', ['SongUNet', 'DhariwalUNet'])
+@pytest.mark.parametrize('precision', ['bf16', 'fp16'])
+def test_backbone_activations_in_the_run_precision_under_cuda_autocast(monkeypatch, model_type, precision):
+    """CUDA autocast runs group_norm in fp32 (its fp32 op list; CPU autocast does not): emulated here by casting
+    group_norm's inputs to fp32 whenever autocast is on. Every GroupNorm, convolution, linear layer and block output
+    of the backbone is still in the run's precision; the fp32 path is bitwise plain group_norm."""
+    real = torch.nn.functional.group_norm
+
+    def cuda_autocast_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+        if torch.is_autocast_enabled(x.device.type):
+            x, weight, bias = x.float(), weight.float(), bias.float()
+        return real(x, num_groups, weight, bias, eps)
+    monkeypatch.setattr(torch.nn.functional, 'group_norm', cuda_autocast_group_norm)
+    torch.manual_seed(0)
+    net = networks.EDMPrecond(img_resolution=8, img_channels=3, model_type=model_type, model_channels=16,
+                              channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0)
+    seen = []
+    for module in net.model.modules():
+        if isinstance(module, (networks.GroupNorm, networks.Conv2d, networks.Linear, networks.UNetBlock)):
+            module.register_forward_hook(lambda m, i, o: seen.append((type(m).__name__, o.dtype)))
+    with networks.backbone_precision(precision):
+        net(torch.randn([2, 3, 8, 8]), torch.full([2], 1.5))
+    assert len(seen) > 20 and {dtype for _, dtype in seen} == {networks.PRECISIONS[precision]}, set(seen)
+    norm, x = networks.GroupNorm(16), torch.randn([2, 16, 4, 4])
+    assert torch.equal(norm(x), real(x, norm.num_groups, norm.weight, norm.bias, norm.eps))
+
+
+def test_tf32_reaches_pd_fp32_teacher_forwards(monkeypatch):
+    """PD's teacher runs in fp32 in any precision (force_fp32): --tf32 (the loop's global CUDA flags) still applies
+    inside those forwards, which dominate a bf16 PD step; nothing on the way turns it off."""
+    from training.distill.progressive import pd_target
+    net, seen = adm(8), []
+    real_forward = net.model.forward
+    monkeypatch.setattr(net.model, 'forward', lambda *a, **k: seen.append(
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.is_autocast_enabled('cpu')))
+        or real_forward(*a, **k))
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', True)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', True)
+    with networks.backbone_precision('bf16'):
+        pd_target(net, torch.randn([2, 3, 8, 8]), torch.full([2], 2.0), torch.full([2], 1.0), torch.full([2], 0.5))
+    assert seen == [(True, True, False)] * 2  # two teacher forwards, fp32 (autocast off), TF32 allowed
 
 
 def test_fp16_underflow_without_loss_scaling_and_its_cure():
@@ -100,6 +145,26 @@ def test_loss_scaler_backs_off_grows_and_static_stays():
     static = optim.LossScaler('cpu', static=128.0)
     static.update(torch.tensor(1.0))
     assert float(static.scale) == 128
+
+
+def test_loss_scale_stops_at_its_floor_and_the_run_is_diverged():
+    """A scale halved on every non-finite gradient would reach 0 and skip every later step unnoticed: it stops at
+    FLOOR = 1, a non-finite gradient there is flagged, and the loop's tick check ends the run as diverged."""
+    s = optim.LossScaler('cpu', init_scale=4.0)
+    seen = [(float(s.scale), float(s.update(torch.tensor(1.0)))) for _ in range(4)]
+    assert seen == [(4, 0), (2, 0), (1, 1), (1, 1)] and float(s.scale) == 1
+    assert optim.LossScaler('cpu', static=0.5).update(torch.tensor(1.0)) is None  # a static scale is the user's
+    lin = torch.nn.Linear(3, 2)
+    training_stats.collect()
+    with optim.loss_scaling('dynamic'):
+        u = optim.Updater(lin.parameters(), 'G', lr=0.1)
+    u.scaler.scale = torch.tensor(1.0)
+    u.backward([0], lambda _: lin(torch.full([1, 3], float('inf'))).sum(dim=1), 1)
+    u.step(0.1)
+    health = training_stats.collect(prefix=('Loss/', 'Health/'))
+    assert health['Health/scale_floor_G']['mean'] == 1
+    assert loop_module._divergence(health, types.SimpleNamespace(networks=lambda: {'G': lin})) == \
+        "the gradient of G was non-finite at the fp16 loss scale's floor 1 (it overflows fp16 unscaled)"
 
 
 @pytest.mark.parametrize('class_name', ['torch.optim.AdamW', 'torch.optim.RMSprop'])  # fused kernel; host-side skip
@@ -172,6 +237,28 @@ def test_cli_precision_recorded(data, tmp_path, args, precision, scaling, use_fp
     assert options['method_kwargs']['network_kwargs']['use_fp16'] == use_fp16
 
 
+@pytest.mark.parametrize('bf16_hardware, method, asked, precision, scaling', [
+    (True, 'dmd', None, 'bf16', None),          # A100/H100: DMD2's bf16
+    (False, 'dmd', None, 'fp16', 'dynamic'),    # V100/T4: fp16 with loss scaling, said on the log's first line
+    (False, 'dmd', 'bf16', 'bf16', None),       # asked for: emulated, but as asked
+    (False, 'edm', None, 'fp32', None),         # EDM's default is fp32 (its --fp16 is opt-in)
+])
+def test_cuda_default_precision_follows_bf16_hardware(monkeypatch, bf16_hardware, method, asked, precision, scaling):
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: calls.append(
+        including_emulation) or bf16_hardware)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Tesla V100-SXM2-16GB')
+    opts = dnnlib.EasyDict(fp16=False, precision=asked, ls=None, tf32=False, method=method)
+    got, got_scaling, note = train.resolve_precision(opts, torch.device('cuda'))
+    assert (got, got_scaling, opts.precision) == (precision, scaling, precision)
+    assert set(calls) <= {False}  # hardware bf16 only: torch's default also counts emulation as support
+    if precision == 'fp16':
+        assert note == ('Precision: fp16 with loss scaling, not the default bf16: Tesla V100-SXM2-16GB has no bf16 '
+                        'hardware (--precision=fp32 for full precision)')
+    else:
+        assert note is None
+
+
 @pytest.mark.parametrize('args, message', [
     (['--fp16=1', '--precision=bf16'], '--fp16=1 means --precision=fp16'),
     (['--ls=128'], '--ls is a static fp16 loss scale'),
@@ -207,26 +294,68 @@ def test_fp16_resume_is_bitwise_exact_with_the_loss_scale(data, tmp_path):
 
 @pytest.fixture(scope='module')
 def rehearsal_inputs(tmp_path_factory):
+    """The CPU rehearsal's CIFAR-10 configuration: EDM and KD augment (EDM's setting) and train with dropout 0.13."""
     workdir = str(tmp_path_factory.mktemp('gpu-check'))
     device = torch.device('cpu')
-    config = gpu_check.TINY['imagenet64']
+    config = gpu_check.TINY['cifar10']
+    assert config['dropout'] > 0 and config['augment_dim'] > 0
     return dict(workdir=workdir, config=config, lpips=gpu_check.write_lpips_weights(workdir),
-                paths=gpu_check.write_inputs(workdir, 'imagenet64', config, device))
+                paths=gpu_check.write_inputs(workdir, 'cifar10', config, device))
 
 
 @pytest.mark.parametrize('method', gpu_check.METHODS)
-def test_no_host_sync_inside_a_training_step(rehearsal_inputs, method):
+def test_no_host_sync_or_host_copy_inside_a_training_step(rehearsal_inputs, method):
+    """No host sync and no host-to-device copy (bench/sync_counter.py: CUDA's placement emulated on the CPU) in any
+    step, augmentation and dropout on, across PD's round boundary (step 2) and DisBack's stage switches."""
     c = rehearsal_inputs
     with networks.backbone_precision('fp16'), optim.loss_scaling('dynamic'):
         m = gpu_check.build_method(method, c['config'], c['paths'], c['lpips'], torch.device('cpu'), 4, c['workdir'], 32)
         from training.dataset import ImageFolderDataset
         dataset = ImageFolderDataset(path=c['paths']['data'], use_labels=True)
+        training_stats.collect()  # statistics' host accumulators are then made inside the counter, which sees them
         for step in range(4):
             rounds = gpu_check.rounds_for(step, dataset, 4, torch.device('cpu'))
-            with gpu_check.SyncCounter('cpu') as counter:
+            with gpu_check.SyncCounter('cpu') as counter, gpu_check.HostCopyCounter('cpu') as copies:
                 m.step(rounds, step * 4)
             assert counter.calls == [], (method, step, counter.calls)
+            assert copies.calls == [], (method, step, copies.calls)
+        if method == 'pd':
+            assert m.round == 1
     training_stats.collect()
+
+
+def test_host_copy_counter_sees_the_copies_it_is_for():
+    """The counter's CPU emulation on the patterns the step code had: each kind is counted, device-side work is not."""
+    x = torch.ones(4)
+    with gpu_check.HostCopyCounter('cpu') as c:
+        torch.as_tensor(0.5, dtype=torch.float32, device=x.device)                     # Python number on the device
+        torch.tensor([1, 2], device=x.device)                                          # list on the device
+        torch.arange(3, dtype=torch.float64).mul(0.5).to(x.device)                     # made on the host, moved
+        torch.from_numpy(np.ones(2)).to(x.device)                                      # numpy, moved
+        x[torch.arange(2)]                                                             # host index of a device tensor
+        x.new_tensor([1.0])                                                            # host data on x's device
+    assert len(c.calls) == 6, c.calls
+    with gpu_check.HostCopyCounter('cpu') as c:
+        torch.full([3], 0.5, device=x.device) * torch.arange(3, device=x.device)     # made on the device
+        torch.as_tensor(x, device=x.device).to(torch.float64).to(x.device)            # already there
+        x * torch.tensor(2.0)                                                          # a host scalar: a kernel argument
+    assert c.calls == []
+
+def test_gpu_check_data_has_every_network_label_count(tmp_path):
+    """The GPU check's data and networks agree in both configurations, official and tiny: 64 images labelled
+    `i % 1000` once gave an ImageNet-64 dataset of 64 classes against a 1000-class network, which the tiny config
+    (then 4 classes) hid. Tiny configs now differ from the official ones in sizes only, labels derived by one function."""
+    from training.dataset import ImageFolderDataset, check_network_matches
+    for name, config in gpu_check.CONFIGS.items():
+        sizes = set(gpu_check.SHRINK) | {'channel_mult'}
+        assert {k: v for k, v in gpu_check.TINY[name].items() if k not in sizes} == \
+            {k: v for k, v in config.items() if k not in sizes}
+    assert gpu_check.CONFIGS['imagenet64']['label_dim'] == 1000 and gpu_check.CONFIGS['cifar10']['label_dim'] == 10
+    config = gpu_check.TINY['imagenet64']
+    save_dataset(str(tmp_path / 'data.zip'), [np.zeros([16, 16, 3], np.uint8)] * 64, gpu_check.class_labels(64, 1000))
+    dataset = ImageFolderDataset(path=str(tmp_path / 'data.zip'), use_labels=True)
+    check_network_matches(gpu_check.make_network(config, 0), dataset, 'the check itself is wrong')
+    assert dataset.label_dim == 1000 and gpu_check.class_labels(64, 10)[::7] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 # ----------------------------------------------------------------------------
 # The GPU check command, rehearsed on the CPU: every method, both configurations, every precision, the CLI paths.
@@ -240,6 +369,8 @@ def test_gpu_check_cpu_rehearsal(tmp_path):
     rows = json.load(open(out))
     cells = {(r['method'], r['config'], r['precision']) for r in rows if r['part'] == '1' and r['result'] == 'pass'}
     assert cells == {(m, c, p) for m in gpu_check.METHODS for c in gpu_check.TINY for p in gpu_check.PRECISIONS}
-    assert all(r['grad_diff'] <= gpu_check.GRAD_TOL[r['precision']] for r in rows if r['part'] == '1')
-    assert {r['method'] for r in rows if r['part'] == '2'} == {'train.py dmd x1', 'train.py dmd x2',
-                                                               '1 vs 2 processes, G', 'generate.py + fid.py'}
+    assert all(r['grad_diff'] <= gpu_check.GRAD_TOL[r['precision']] and r['syncs'] == r['h2d'] == 0
+               for r in rows if r['part'] == '1')
+    assert {r['method'] for r in rows if r['part'] == '2'} == {
+        'train.py dmd x1', 'train.py dmd x2', 'resumed vs uninterrupted, G (bitwise)', '1 vs 2 processes, G',
+        'generate.py + fid.py', 'generate.py = API, use_fp16'}

@@ -93,17 +93,23 @@ def test_batch_gpu_does_not_change_result(data, tmp_path, dropout):
 
 
 def test_step_random_draws_in_chunks():
-    """A step's random numbers are consecutive draws of at most DRAW_CHUNK elements from one generator (so that
-    CUDA's numbers do not depend on the GPU model), laid out row by row over the global batch."""
-    from training.batching import DRAW_CHUNK, StepRandom, stable_seed
-    rand = StepRandom(seed=3, step=5, batch_size=3, device='cpu')
-    shape = [(2 * DRAW_CHUNK + 5) // 3]  # two chunks and 5 elements: a normal draw of 5 is not the tail of a large one
+    """A step's random numbers are chunks of at most DRAW_CHUNK elements of the flattened global batch, chunk j from
+    its own generator (so that CUDA's numbers do not depend on the GPU model), and a rank's rows are those rows of
+    the global array, drawn from the chunks that overlap them only."""
+    from training.batching import DRAW_CHUNK, Round, StepRandom, stable_seed
+    shape = [(2 * DRAW_CHUNK + 5) // 3]  # three rows: two whole chunks and one of 5 elements
     numel = 3 * shape[0]
-    for kind, draw in [('randn', torch.randn), ('rand', torch.rand),
-                       ('randint', lambda n, generator: torch.randint(9, n, generator=generator))]:
-        g = torch.Generator().manual_seed(stable_seed(3, 5, kind, 'x'))
-        expected = torch.cat([draw([min(DRAW_CHUNK, numel - i)], generator=g) for i in range(0, numel, DRAW_CHUNK)])
-        assert torch.equal(rand._draw(kind, 'x', shape, 9 if kind == 'randint' else None), expected.reshape(3, *shape))
+    for kind, draw, high in [('randn', torch.randn, None), ('rand', torch.rand, None),
+                             ('randint', lambda n, generator: torch.randint(9, n, generator=generator), 9)]:
+        expected = torch.cat([draw([min(DRAW_CHUNK, numel - i)], generator=torch.Generator().manual_seed(
+            stable_seed(3, 5, kind, 'x', i // DRAW_CHUNK))) for i in range(0, numel, DRAW_CHUNK)]).reshape(3, *shape)
+        rand = StepRandom(seed=3, step=5, batch_size=3, device='cpu')
+        assert torch.equal(rand._draw(kind, 'x', shape, high, 0, 3), expected)
+        rank = StepRandom(seed=3, step=5, batch_size=3, device='cpu')  # the rank holding row 2 only
+        r = Round(None, None, rank, 2, 1)
+        got = r.randint('x', 9, *shape) if kind == 'randint' else getattr(r, kind)('x', *shape)
+        assert torch.equal(got, expected[2:])
+        assert sorted(k[-1] for k in rank._cache) == [1, 2]  # row 2 spans chunks 1 and 2: chunk 0 is not drawn
 
 
 def assert_same_update(a, b, seed, net_kwargs):
@@ -377,3 +383,22 @@ def test_snapshot_loss_and_augment_pipe_run_under_edms_own_code(data, tmp_path):
     assert out['loss'] == [4, 3, 8, 8] and out['finite'] and out['y'] == [4, 3, 8, 8] and out['augment_labels'] == [4, 9]
     assert all(m.startswith('_imported_module_') for m in out['modules']), out['modules']  # the embedded sources ran
     assert out['dataset_kwargs'] == 'dict'
+
+
+def test_ema_update_is_the_half_life_formula():
+    """One fused update (torch._foreach_lerp_) equals EDM's ema <- beta ema + (1 - beta) net, beta = 0.5^(batch /
+    min(half-life, ramp-up ratio x images seen)), to float32 rounding; buffers are copied."""
+    from training.ema import EMA
+    torch.manual_seed(0)
+    net = torch.nn.BatchNorm1d(5)  # parameters and buffers
+    ema = EMA(net, halflife_kimg=0.5, rampup_ratio=0.05)
+    with torch.no_grad():
+        for t in [*net.parameters(), *net.buffers()]:
+            t.copy_(torch.randn(t.shape) if t.is_floating_point() else t + 3)
+    before = [p.detach().double().clone() for p in ema.ema.parameters()]
+    ema.update(cur_nimg=4000, batch_size=64)  # ramp-up: half-life min(500, 200) images
+    beta = 0.5 ** (64 / 200)
+    for b, p_net, p_ema in zip(before, net.parameters(), ema.ema.parameters()):
+        torch.testing.assert_close(p_ema.double(), beta * b + (1 - beta) * p_net.double(), rtol=0, atol=1e-6)
+        assert not torch.equal(p_ema, p_net)
+    assert all(torch.equal(a, b) for a, b in zip(ema.ema.buffers(), net.buffers()))

@@ -273,7 +273,7 @@ def _load_storage_from_bytes(b):
     if not isinstance(b, bytes):
         raise PickleLoadError('tensor storage is not a byte string')
     try:
-        return torch.load(io.BytesIO(b), weights_only=True)
+        return torch.load(io.BytesIO(b), weights_only=True, map_location='cpu')  # not the GPU it was saved from
     except (RuntimeError, AssertionError, pickle.UnpicklingError, EOFError) as e:  # what torch's legacy reader raises on bad bytes
         raise PickleLoadError(f'corrupt tensor storage ({_summary(e)})') from None
 

@@ -22,7 +22,7 @@ def report(name, value):
     x = torch.where(finite, x, 0)
     m = torch.stack([n, x.sum(), x.square().sum(), x.numel() - n])
     if name in _moments:
-        _moments[name] = _moments[name].to(m.device) + m
+        _moments[name] = (_moments[name] if _moments[name].device == m.device else _moments[name].to(m.device)) + m
     else:
         _moments[name] = m
     return value

@@ -62,9 +62,10 @@ def _matmul(a, b):
 
 
 def _matrix(*rows, like):
-    """An [N, R, C] matrix whose entries are [N] tensors or Python numbers (broadcast over the batch)."""
-    entries = [torch.as_tensor(x, dtype=torch.float32, device=like.device).expand(like.shape)
-               for row in rows for x in row]
+    """An [N, R, C] matrix whose entries are [N] tensors or Python numbers (broadcast over the batch). Numbers are
+    filled in on the device: a tensor made from them on the host would be a copy that waits for a CUDA stream."""
+    entries = [x.to(torch.float32).expand(like.shape) if isinstance(x, torch.Tensor) else
+               torch.full(like.shape, x, dtype=torch.float32, device=like.device) for row in rows for x in row]
     return torch.stack(entries, dim=1).reshape(like.shape[0], len(rows), len(rows[0]))
 
 
@@ -101,6 +102,18 @@ _P = np.outer(_v, _v)                                                           
 _D = np.diag([1.0, 1, 1, 0])                                                    # the RGB part
 _K = np.array([[0, -1, 1, 0], [1, 0, -1, 0], [-1, 1, 0, 0], [0, 0, 0, 0]]) / np.sqrt(3)  # cross product with _v
 _E = np.array([[0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 1], [0, 0, 0, 0.0]])      # adds the offset to R, G, B
+
+
+def _color_basis(device):
+    """P, D, K, E above as float32 on `device`, made there from 0/1 patterns times the float32 entries (exactly the
+    float32 casts of the numpy matrices; test_augment checks it), so that no step copies them from the host."""
+    D = torch.eye(4, device=device)
+    D[3, 3] = 0
+    C = torch.roll(torch.eye(3, device=device), -1, dims=1)                    # ones at (i, i-1 mod 3)
+    K = torch.nn.functional.pad(C - C.T, (0, 1, 0, 1)) * float(_K[1, 0])
+    E = torch.zeros([4, 4], device=device)
+    E[:3, 3] = 1
+    return torch.outer(D.diagonal(), D.diagonal()) * float(_P[0, 0]), D, K, E
 
 # ----------------------------------------------------------------------------
 
@@ -233,7 +246,7 @@ class AugmentPipe:
 
         if self.translate_frac > 0:
             w = self._fire(rnd, 'translate_frac', rnd.randn('aug_translate_frac', 2))      # [N, 2]
-            t = w * torch.tensor([W, H], device=device) * self.translate_frac_std           # [N, 2] pixels
+            t = torch.stack([w[:, 0] * W, w[:, 1] * H], dim=1) * self.translate_frac_std   # [N, 2] pixels
             G_inv = _matmul(G_inv, _translate2d(-t[:, 0], -t[:, 1]))
             moved |= (w != 0).any(dim=1)
             labels += [w[:, 0], w[:, 1]]
@@ -251,7 +264,7 @@ class AugmentPipe:
 
         # Color: one affine 4x4 matrix per sample, built right to left (the first transform listed acts first).
         I_4 = torch.eye(4, device=device).expand(N, 4, 4)
-        P, D, K, E = (torch.as_tensor(m, dtype=torch.float32, device=device) for m in (_P, _D, _K, _E))
+        P, D, K, E = _color_basis(device)
         M = I_4
 
         if self.brightness > 0:

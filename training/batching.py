@@ -70,17 +70,17 @@ class RankSampler(torch.utils.data.Sampler):
 # Elements per CUDA draw. A CUDA generator's number for an element depends on the kernel's grid, which torch caps at
 # (SMs x max threads per SM) threads: one draw of more elements (221,184 on an A100, 270,336 on an H100 SXM)
 # gives different numbers on different GPU models. Draws of at most 2^15 elements, below that cap on any CUDA GPU
-# (a T4's is 40,960), do not. (On the CPU they give the numbers of one large draw, except a normal draw's last 16
-# when its last chunk is shorter than 16.)
+# (a T4's is 40,960), do not.
 DRAW_CHUNK = 1 << 15
 
 
 class StepRandom:
-    """Random numbers for one training step, drawn for the whole global batch from a stream named by the caller.
+    """Random numbers for one training step, laid out over the global batch and named by the caller.
 
-    `randn('noise', C, H, W)` draws [batch, C, H, W] once per (step, name) on every rank; each rank and round
-    then reads its own rows. Drawing the global batch costs world_size x the noise of one rank, which is
-    negligible next to a network evaluation and buys world-size-invariant training.
+    `randn('noise', C, H, W)` is conceptually one [batch, C, H, W] array per (step, name), flattened and cut into
+    chunks of DRAW_CHUNK elements, chunk j drawn from its own generator seeded by (seed, step, kind, name, j).
+    A rank draws only the chunks that overlap the rows its rounds read, so a row's numbers do not depend on who
+    draws them (world-size and --batch-gpu invariance) and no rank draws the whole global batch.
     """
 
     def __init__(self, seed, step, batch_size, device):
@@ -90,21 +90,29 @@ class StepRandom:
         self.device = torch.device(device)
         self._cache = {}
 
-    def _draw(self, kind, name, shape, high=None):
-        key = (kind, name, tuple(shape), high)
+    def _chunk(self, kind, name, shape, high, j):
+        """Elements [j * DRAW_CHUNK, ...) of the flattened [batch_size, *shape] array (cached for later rounds)."""
+        key = (kind, name, tuple(shape), high, j)
         if key not in self._cache:
-            g = torch.Generator(device=self.device).manual_seed(stable_seed(self.seed, self.step, kind, name))
-            x = torch.empty((self.batch_size, *shape), dtype=torch.int64 if kind == 'randint' else torch.float32,
-                            device=self.device)
-            for chunk in x.view(-1).split(DRAW_CHUNK):  # consecutive draws from g
-                if kind == 'randn':
-                    chunk.normal_(generator=g)
-                elif kind == 'rand':
-                    chunk.uniform_(generator=g)
-                else:
-                    chunk.random_(0, high, generator=g)
+            g = torch.Generator(device=self.device).manual_seed(stable_seed(self.seed, self.step, kind, name, j))
+            numel = min(DRAW_CHUNK, self.batch_size * int(np.prod(shape)) - j * DRAW_CHUNK)
+            x = torch.empty([numel], dtype=torch.int64 if kind == 'randint' else torch.float32, device=self.device)
+            if kind == 'randn':
+                x.normal_(generator=g)
+            elif kind == 'rand':
+                x.uniform_(generator=g)
+            else:
+                x.random_(0, high, generator=g)
             self._cache[key] = x
         return self._cache[key]
+
+    def _draw(self, kind, name, shape, high, start, size):
+        """Rows [start, start + size) of the step's [batch_size, *shape] array `name`."""
+        row = int(np.prod(shape))
+        lo, hi = start * row, (start + size) * row
+        pieces = [self._chunk(kind, name, shape, high, j)[max(lo - j * DRAW_CHUNK, 0):hi - j * DRAW_CHUNK]
+                  for j in range(lo // DRAW_CHUNK, (hi - 1) // DRAW_CHUNK + 1)]
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).view(size, *shape)
 
 
 class Round:
@@ -124,13 +132,13 @@ class Round:
         return range(first, first + self.size)
 
     def randn(self, name, *shape):
-        return self.rand_._draw('randn', name, shape)[self.start:self.start + self.size]
+        return self.rand_._draw('randn', name, shape, None, self.start, self.size)
 
     def rand(self, name, *shape):
-        return self.rand_._draw('rand', name, shape)[self.start:self.start + self.size]
+        return self.rand_._draw('rand', name, shape, None, self.start, self.size)
 
     def randint(self, name, high, *shape):
-        return self.rand_._draw('randint', name, shape, high)[self.start:self.start + self.size]
+        return self.rand_._draw('randint', name, shape, high, self.start, self.size)
 
     def random_labels(self, name, label_dim):
         """One-hot labels drawn uniformly, for methods that have no data (None when unconditional)."""
@@ -139,10 +147,12 @@ class Round:
     def keyed_dropout(self, name='dropout'):
         """Context in which the networks' dropout masks follow this round's global sample positions; `name` gives
         each network of a step its own masks (SiD's generator and fake score)."""
-        from training.networks import keyed_dropout
+        from training.networks import _hash32, keyed_dropout
         rand = self.rand_
-        keys = [stable_seed(rand.seed, rand.step, name, self.start + i) & 0xffffffff for i in range(self.size)]
-        return keyed_dropout(torch.tensor(keys, dtype=torch.int64, device=rand.device))
+        # A sample's key: its position hashed with the step's 32-bit seed, on the device (a bijection of the
+        # position, so no two samples share a key).
+        positions = torch.arange(self.start, self.start + self.size, dtype=torch.int64, device=rand.device)
+        return keyed_dropout(_hash32(_hash32(positions ^ (stable_seed(rand.seed, rand.step, name) & 0xffffffff))))
 
 
 def _one_hot(idx, label_dim):

@@ -116,8 +116,11 @@ class GroupNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(num_channels))
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
 
+    # On x's dtype, autocast off: CUDA autocast lists group_norm as an fp32 op (CPU autocast does not), which would
+    # make every norm and SiLU activation fp32 on a GPU. The kernels accumulate in fp32 (EDM's use_fp16 path).
     def forward(self, x):
-        return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype), bias=self.bias.to(x.dtype), eps=self.eps)
 
 # ----------------------------------------------------------------------------
 # Multi-head self-attention over pixels. qkv: [N, 3*C, H, W], channels ordered (head, channel-in-head, {q,k,v}) as in
@@ -556,7 +559,7 @@ def _prepare(net, x, sigma, class_labels):
     return x, sigma, class_labels
 
 # The run's backbone precision, set for every network of this module at once (one setting per run):
-# None keeps EDM's rule (each network's stored use_fp16: its backbone cast to fp16 on CUDA); 'fp32', 'bf16' or
+# None keeps EDM's rule (each network's stored use_fp16: its backbone in fp16 on CUDA); 'fp32', 'bf16' or
 # 'fp16' run every backbone in that precision (bf16/fp16 by autocast), whatever use_fp16 says. Preconditioning,
 # inputs and outputs stay float32 in every case.
 PRECISIONS = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)
@@ -578,15 +581,19 @@ def autocast(device):
     enabled = _precision in ('bf16', 'fp16')
     return torch.autocast(torch.device(device).type, dtype=PRECISIONS[_precision] if enabled else None, enabled=enabled)
 
-# The backbone on float32 inputs in the run's precision (force_fp32: float32 always); float32 output.
+# EDM's rule, for a network run outside any backbone_precision block (the API, generate.py's --precision=auto,
+# EDM's tools): its stored use_fp16 means fp16 on CUDA, else fp32.
+def edm_precision(net, device):
+    return 'fp16' if getattr(net, 'use_fp16', False) and torch.device(device).type == 'cuda' else 'fp32'
+
+# The backbone on float32 inputs in the run's precision (force_fp32: float32 always); float32 output. One path for
+# every precision, EDM's rule included, so that the API and generate.py sample a use_fp16 network alike.
 def _run_backbone(net, x, noise_labels, class_labels, force_fp32, model_kwargs):
-    if force_fp32 or _precision == 'fp32':
+    precision = 'fp32' if force_fp32 else _precision or edm_precision(net, x.device)
+    if precision == 'fp32':
         with torch.autocast(x.device.type, enabled=False):
             return net.model(x, noise_labels, class_labels=class_labels, **model_kwargs).to(torch.float32)
-    if _precision is None:  # EDM: the stored flag decides
-        dtype = torch.float16 if (net.use_fp16 and x.device.type == 'cuda') else torch.float32
-        return net.model(x.to(dtype), noise_labels, class_labels=class_labels, **model_kwargs).to(torch.float32)
-    with autocast(x.device):
+    with torch.autocast(x.device.type, dtype=PRECISIONS[precision]):
         return net.model(x, noise_labels, class_labels=class_labels, **model_kwargs).to(torch.float32)
 
 # ----------------------------------------------------------------------------

@@ -32,21 +32,27 @@ def loss_scaling(mode):
 
 class LossScaler:
     """Dynamic loss scale (Micikevicius et al. 2018): halve it on a non-finite gradient, double it after
-    `growth_interval` finite steps in a row. A static scale never changes. All on the device."""
+    `growth_interval` finite steps in a row, never below FLOOR. A static scale never changes. All on the device."""
+
+    FLOOR = 1.0  # a gradient non-finite at scale 1 overflows fp16 unscaled: the run has diverged (the loop stops it)
 
     def __init__(self, device, static=None, init_scale=2.0 ** 16, growth_interval=2000):
         self.dynamic = static is None
-        self.scale = torch.tensor(float(static or init_scale), device=device)
+        self.scale = torch.full([], float(static or init_scale), device=device)  # a fill: no host-to-device copy
         self.good_steps = torch.zeros([], dtype=torch.int64, device=device)
         self.growth_interval = growth_interval
 
     def update(self, found_inf):
+        """The next scale; returns a device flag, 1 when the gradient was non-finite at the floor (None if static)."""
         if not self.dynamic:
-            return
+            return None
+        at_floor = ((found_inf > 0) & (self.scale <= self.FLOOR)).to(torch.float32)
         good = (self.good_steps + 1) * (found_inf == 0)
         grow = good >= self.growth_interval
-        self.scale = torch.where(found_inf > 0, self.scale * 0.5, torch.where(grow, self.scale * 2, self.scale))
+        halved = (self.scale * 0.5).clamp(min=self.FLOOR)
+        self.scale = torch.where(found_inf > 0, halved, torch.where(grow, self.scale * 2, self.scale))
         self.good_steps = torch.where(grow, 0, good)
+        return at_floor
 
     def state_dict(self):
         return dict(scale=self.scale.cpu(), good_steps=self.good_steps.cpu())
@@ -150,7 +156,9 @@ class Updater:
         elif not found_inf:  # host sync: only for optimizers without a fused kernel
             self.optimizer.step()
         if self.scaler is not None:
-            self.scaler.update(found_inf)
+            at_floor = self.scaler.update(found_inf)
+            if at_floor is not None:  # the training loop stops the run as diverged if this is ever 1
+                training_stats.report(f'Health/scale_floor_{self.name}', at_floor)
             training_stats.report(f'Health/loss_scale_{self.name}', self.scaler.scale)
         training_stats.report(f'Health/skipped_{self.name}', found_inf)
         training_stats.report(f'Health/grad_norm_{self.name}', norm)

@@ -220,9 +220,7 @@ def make_shard(net, outdir, k, seeds, config, batch=64, device='cpu', progress=N
 
 def _to(t, device):
     """Host to device without waiting for the device (pinned memory, non-blocking copy): get() is in the G step."""
-    if device.type == 'cuda' and t.device.type == 'cpu':
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return (t.pin_memory() if device.type == 'cuda' and t.device.type == 'cpu' else t).to(device, non_blocking=True)
 
 
 class PairSet:

@@ -140,6 +140,10 @@ class ProgressiveDistillation:
         self.teacher = teacher
         self.student = copy.deepcopy(teacher).eval().requires_grad_(True)
         self.ema = EMA(self.student, ema_halflife_kimg, ema_rampup_ratio) if ema_halflife_kimg is not None else None
+        # Every round's grids on the device now: a round boundary inside a step then copies nothing from the host.
+        self.grids = {N: (nested_sigmas(N, **self.grid).to(device),
+                          karras_sigma((torch.arange(N, dtype=torch.float64) + 0.5) / N, **self.grid).to(device))
+                      for N, _ in self.schedule}
         self.round = 0          # index into self.schedule
         self.round_step = 0     # updates done in this round
         self._reset_round()
@@ -149,9 +153,7 @@ class ProgressiveDistillation:
         self.optimizer = optim.Updater(self.student.parameters(), 'student', **self.optimizer_kwargs)
         if self.ema is not None:
             self.ema.reset()
-        N = self.num_steps
-        self.sigmas = nested_sigmas(N, **self.grid).to(self.device)
-        self.sigmas_mid = karras_sigma((torch.arange(N, dtype=torch.float64) + 0.5) / N, **self.grid).to(self.device)
+        self.sigmas, self.sigmas_mid = self.grids[self.num_steps]
 
     # Teacher <- student (or its EMA), student <- teacher, next N.
     def _next_round(self):
