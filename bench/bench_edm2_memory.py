@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from training import networks, networks_edm2  # noqa: E402
 
-PRESETS = dict(xs=128, s=192, m=256, l=320, xl=384)  # model_channels (EDM2_NOTES.md section 4)
+PRESETS = dict(xs=128, s=192, m=256, l=320, xl=384)  # model_channels (EDM2's img64 presets, NVlabs/edm2:train_edm2.py)
 
 
 def build(channels):

@@ -76,7 +76,8 @@ def test_load_network_pkl_and_generic_names_need_edm2_source(tmp_path):
 
 
 @pytest.mark.parametrize('tamper, match', [
-    (lambda net: net._init_kwargs.update(model_channels=16), r'stored weights of Precond do not match training.networks_edm2.Precond .*has shape'),
+    (lambda net: net._init_kwargs.update(model_channels=4), r'stored weights of Precond do not match training.networks_edm2.Precond .*has shape'),
+    (lambda net: net._init_kwargs.update(model_channels=16), r'stored arguments of Precond describe a network larger than the tensors stored'),
     (lambda net: net._init_kwargs.update(bogus=1), r'cannot construct training.networks_edm2.Precond .*bogus'),
     (lambda net: net.unet.enc.__dict__['_modules'].popitem(), r'stored weights of Precond do not match .*missing unet.enc.'),
 ])

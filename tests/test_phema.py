@@ -21,7 +21,7 @@ run_loop = test_training.run_loop
 
 
 def test_std_to_exp_matches_edm2():
-    # EDM2_NOTES.md (tests/fixtures/edm2): std 0.050 gives gamma 16.9722, std 0.100 gives 6.9372.
+    # EDM2's post-hoc EMA (NVlabs/edm2:training/phema.py, commit 4bf8162): std 0.050 gives gamma 16.9722, std 0.100 gives 6.9372.
     assert abs(phema.std_to_exp(0.05) - 16.9722) < 1e-4 and abs(phema.std_to_exp(0.1) - 6.9372) < 1e-4
     for std in [0.01, 0.05, 0.1, 0.2, 0.28]:
         assert abs(phema.exp_to_std(phema.std_to_exp(std)) - std) < 1e-12

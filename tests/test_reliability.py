@@ -189,6 +189,7 @@ def test_deterministic_sets_torch_and_is_checked_on_resume(files, tmp_path, monk
     r = invoke(f'--outdir={tmp_path / "other"}', *[a.format(data=files / 'cond.zip') for a in BASE])
     assert r.exit_code == 0 and seen[-1][0] is False  # the next run in this process is not deterministic
     monkeypatch.setattr(train.distributed, 'init', lambda device: torch.device('cuda'))  # as on a GPU
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)  # one with bf16
     r = invoke(f'--outdir={tmp_path / "dmd"}', '--method=dmd', f'--teacher={files / "teacher.pkl"}',
                f'--pairs={files / "pairs"}', '--deterministic', '--dry-run')
     assert r.exit_code == 1 and 'Error: --deterministic: LPIPS upsamples bilinearly' in r.output, r.output

@@ -343,7 +343,7 @@ def test_updater_clips_by_value():
 # ----------------------------------------------------------------------------
 # Item 5: precision.
 
-def test_precision_defaults_are_the_official_ones(tmp_path):
+def test_precision_defaults_are_the_official_ones(tmp_path, monkeypatch):
     """run_sid.sh / run_sida.sh: `--fp16 0` for CIFAR-10 (32x32), `--fp16 1` for ImageNet-64, FFHQ-64 and AFHQv2-64;
     sid_training_loop.py: `torch.backends.cuda.matmul.allow_tf32 = False`, `cudnn.allow_tf32 = False`; sid_train.py:
     Adam `eps = 1e-8 if not opts.fp16 else 1e-6`. bf16 only when asked."""
@@ -352,8 +352,9 @@ def test_precision_defaults_are_the_official_ones(tmp_path):
     opts = lambda **kw: dnnlib.EasyDict(dict(method='sid', precision=None, fp16=False, ls=None, tf32=False, dry_run=False,
                                              teacher=None), **kw)
     cuda = torch.device('cuda')
-    assert train.resolve_precision(opts(), cuda, 32) == ('fp32', None)
-    assert train.resolve_precision(opts(), cuda, 64) == ('fp16', 'dynamic')
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: True)  # a GPU with bf16
+    assert train.resolve_precision(opts(), cuda, 32)[:2] == ('fp32', None)
+    assert train.resolve_precision(opts(), cuda, 64)[:2] == ('fp16', 'dynamic')
     assert train.resolve_precision(opts(method='sid-disback'), cuda, 64)[0] == 'fp16'
     assert train.resolve_precision(opts(), cuda, None)[0] == 'fp32'  # resolution unknown (a dry run without data)
     assert train.resolve_precision(opts(precision='bf16'), cuda, 64)[0] == 'bf16'
