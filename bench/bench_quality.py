@@ -5,11 +5,16 @@
         --problems=uncond8 --arms=dmd,sid --seeds=0                              # a part; runs already done are skipped
     python bench/bench_quality.py report --workdir=/tmp/q                       # markdown table from results.json
 
+Parallel processes (one thread each) need workdirs of their own (each writes its results.json); `report` merges
+them: `report --workdir=/tmp/q --workdir=/tmp/q-seed2`.
+
 Problems (bench_disback.py's): `uncond8`, the unconditional 8x8x3 mixture with its small fitted SongUNet teacher
 (cached in WORKDIR), and `cond16`, toy.py's default conditional 16x16 problem and its fitted teacher. Arms, each a
 recipe of RECIPES: `dmd` (the best DMD recipe of docs/BENCHMARKS.md for that problem), `dmd2` (the same with DMD2's
 GAN head, exact mixture samples as the real data), `sid` (SiD's own settings, the lr of the SiD pilot), `sida` (SiD
-with SiDA's encoder classifier on exact samples). One process, one thread (`--threads`); runs are sequential.
+with SiDA's encoder classifier on exact samples). One process, one thread (`--threads`); runs are sequential. DMD2's
+GAN head needs an 8x8 bottleneck, which uncond8's two-level 8x8 teacher does not have (4x4): DMD refuses it and the
+run is recorded as refused.
 
 Each (problem, arm, seed) run trains from the teacher with the seed's random streams (paired across arms) and is
 stopped by the rule of `train`: FD on fixed latents (`--num-eval`, default 2,000) every `--every` generator steps;
@@ -80,7 +85,7 @@ def real_round(gmm, label_dim, seed, step, batch, with_data):
     return Round(x.to(torch.float32), labels, rand, 0, batch)
 
 
-def train(problem, arm, seed, gmm, every=10, patience=4, tol=0.03, max_g_steps=2000, log=print):
+def train(problem, arm, seed, gmm, every=10, patience=10, tol=0.03, max_g_steps=2000, log=print):
     """Train until FD on the fixed latents stops improving (see the module docstring); returns the FD curve (with
     training CPU seconds at each point), the best generator and its G step."""
     torch.manual_seed(seed)
@@ -148,7 +153,7 @@ def cli():
 @click.option('--num',         help='Images of the exact measurement', metavar='INT', type=click.IntRange(min=2), default=10000, show_default=True)
 @click.option('--num-eval',    help='Fixed latents of the stop rule\'s FD', metavar='INT', type=click.IntRange(min=2), default=2000, show_default=True)
 @click.option('--every',       help='G steps between stop-rule evaluations', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
-@click.option('--patience',    help='Evaluations without improvement before stopping', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
+@click.option('--patience',    help='Evaluations without improvement before stopping', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
 @click.option('--tol',         help='Relative FD improvement that counts', metavar='FLOAT', type=click.FloatRange(min=0), default=0.03, show_default=True)
 @click.option('--max-g-steps', help='Cap on G steps', metavar='INT', type=click.IntRange(min=1), default=2000, show_default=True)
 @click.option('--threads',     help='Torch threads (the cores are shared)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
@@ -197,13 +202,22 @@ def run(workdir, problem16, problems, arms, seeds, num, num_eval, every, patienc
 
 
 @cli.command()
-@click.option('--workdir', help='Where results.json is', metavar='DIR', type=str, required=True)
+@click.option('--workdir', help='Where results.json is (repeat to merge the workdirs of parallel processes)', metavar='DIR', type=str, required=True, multiple=True)
 def report(workdir):
     """Markdown table: per problem and arm, mean and 95% bootstrap interval over seeds."""
-    results = load_json(os.path.join(workdir, 'results.json'), None)
-    if results is None:
-        raise click.ClickException(f'No results.json in "{workdir}"; run the bench first')
-    click.echo(table(results))
+    merged = None
+    for path in workdir:
+        results = load_json(os.path.join(path, 'results.json'), None)
+        if results is None:
+            raise click.ClickException(f'No results.json in "{path}"; run the bench first')
+        if merged is None:
+            merged = results
+            continue
+        for name, t in results['teacher'].items():  # the same rule and teacher, so that the seeds are comparable
+            if results['rule'] != merged['rule'] or merged['teacher'].setdefault(name, t) != t:
+                raise click.ClickException(f'"{path}" was measured with another rule or teacher than "{workdir[0]}"')
+        merged['runs'].update(results['runs'])
+    click.echo(table(merged))
 
 
 def table(results):
@@ -234,6 +248,11 @@ def table(results):
                 cell(get('precision'), '{:.3f}'), cell(get('spread'), '{:.3f}'), cell(get('best_g_steps'), '{:.0f}'),
                 cell([r['rows'][-1]['g_steps'] for r in done], '{:.0f}'),
                 cell([r['best_cpu_s'] / 60 for r in done], '{:.1f}'), cell([r['train_cpu_s'] / 60 for r in done], '{:.1f}')]) + ' |')
+        lines += ['', 'Curves (stop-rule FD on the fixed latents, every 50 G steps; CPU min in brackets):', '']
+        for key, run in results['runs'].items():
+            if key.startswith(name + '/') and 'rows' in run:
+                lines.append(f'- {key}: ' + ', '.join(f'{r["g_steps"]}: {r["fd"]:.2f} ({r["cpu_s"] / 60:.1f})'
+                                                      for r in run['rows'] if r['g_steps'] % 50 == 0))
         lines.append('')
     return '\n'.join(lines)
 
