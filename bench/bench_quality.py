@@ -12,8 +12,8 @@ Problems (bench_disback.py's): `uncond8`, the unconditional 8x8x3 mixture with i
 (cached in WORKDIR), and `cond16`, toy.py's default conditional 16x16 problem and its fitted teacher. Arms, each a
 recipe of RECIPES: `dmd` (the best DMD recipe of docs/BENCHMARKS.md for that problem), `dmd2` (the same with DMD2's
 GAN head, exact mixture samples as the real data), `sid` (SiD's own settings, the lr of the SiD pilot), `sida` (SiD
-with SiDA's encoder classifier on exact samples); a trial, `sid-ema` (uncond8: `sid` with an EMA, measured on the
-EMA generator). One process, one thread (`--threads`); runs are sequential. DMD2's
+with SiDA's encoder classifier on exact samples); trials on uncond8: `sid-ema` (`sid` with an EMA, measured on
+the EMA generator), `sid-b64` (`sid` at batch 64). One process, one thread (`--threads`); runs are sequential. DMD2's
 GAN head needs an 8x8 bottleneck, which uncond8's two-level 8x8 teacher does not have (4x4): DMD refuses it and the
 run is recorded as refused.
 
@@ -59,7 +59,8 @@ SIDA = dict(SID, sida=True, alpha=1.0, g_start_kimg=1, gan_start_kimg=2)
 SID_EMA = dict(SID, ema_halflife_kimg=1)  # a trial: SiD with an EMA of 1 kimg half-life (the official 500 scaled)
 RECIPES = {
     'uncond8': {'dmd': (DMD, 16, DMD_UNCOND8), 'dmd2': (DMD, 16, dict(DMD_UNCOND8, **DMD2_GAN)),
-                'sid': (SiD, 16, SID), 'sida': (SiD, 16, SIDA), 'sid-ema': (SiD, 16, SID_EMA)},
+                'sid': (SiD, 16, SID), 'sida': (SiD, 16, SIDA), 'sid-ema': (SiD, 16, SID_EMA),
+                'sid-b64': (SiD, 64, SID)},  # a trial: SiD at 4x the batch (less gradient noise)
     'cond16': {'dmd': (DMD, 64, DMD_COND16), 'dmd2': (DMD, 64, dict(DMD_COND16, **DMD2_GAN)),
                'sid': (SiD, 16, SID), 'sida': (SiD, 16, SIDA)},
 }
