@@ -16,8 +16,9 @@ Calibration (2026-12-07, the 2-core CPU machine, shared and heavily loaded; one 
 THRESHOLD is 1.25x the worst seed's FD and FACTOR (1.5) is just below the worst seed's improvement (DMD 1.55x, SiD
 1.68x). The test runs seed 0 (DMD 5.48, SiD 2.70: 3.3x and 2.7x below the initial FD); the margins cover the CPUs'
 floating-point differences, which change the trajectories, and DMD's oscillation on this problem (docs/BENCHMARKS.md)
-at a single checkpoint. On that loaded machine the tests took 67 s (DMD) and 54 s (SiD) of wall time plus 30 s for
-the teacher's fit; bench_quality.py's process times (one thread) put a DMD G step at 0.14 s and a SiD one at 0.1 s.
+at a single checkpoint. On that machine the tests took 67 s (DMD) and 54 s (SiD) of wall time plus 30 s for the
+teacher's fit at load average ~10, and 46 s, 29 s and 19 s at ~4; bench_quality.py's process times (one thread) put
+a DMD G step (three fake updates) at 0.14 s and a SiD one at 0.1 s.
 
 Defects checked by hand (each applied to the code, the test run, the code restored; not committed):
   caught (the test fails):
