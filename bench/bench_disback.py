@@ -91,16 +91,21 @@ class Problem:
         return dict(teacher=self.metrics(x), exact=self.metrics(exact))
 
 
+def fit_uncond8_teacher(gmm, num_steps=400, batch_size=128):
+    """uncond8's teacher: a small SongUNet regressed onto the mixture's exact denoiser (deterministic on CPU)."""
+    torch.manual_seed(0)
+    net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=0, **UNCOND8_NET).train().requires_grad_(True)
+    for _ in toy.fit_denoiser(net, gmm, num_steps=num_steps, batch_size=batch_size, seed=1):
+        pass
+    return net.eval().requires_grad_(False)
+
+
 def load_problem(name, workdir, problem16, num_eval):
     if name == 'uncond8':
         path = os.path.join(workdir, 'teacher-uncond8.pkl')
         gmm = toy.GMMDenoiser(**UNCOND8)
         if not os.path.isfile(path):
-            torch.manual_seed(0)
-            net = EDMPrecond(img_resolution=8, img_channels=3, label_dim=0, **UNCOND8_NET).train().requires_grad_(True)
-            for _ in toy.fit_denoiser(net, gmm, num_steps=400, batch_size=128, seed=1):
-                pass
-            net.eval().requires_grad_(False)
+            net = fit_uncond8_teacher(gmm)
             dnnlib.util.atomic_write(path, lambda f: pickle.dump(dict(ema=net), f))
         with open(path, 'rb') as f:
             teacher = persistence.load(f)['ema']
