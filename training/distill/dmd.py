@@ -237,6 +237,12 @@ class DMD:
             self.head.requires_grad_(True)
         self.num_g_steps += 1
 
+    def fake_sigmas(self, r):
+        """Noise levels of the fake score's denoising loss, one per sample: DMD's Karras grid or EDM's log-normal."""
+        if self.fake_sigma == 'karras':
+            return self.sigma_grid[r.randint('fake_t', len(self.sigma_grid))]
+        return (r.randn('fake_t') * 1.2 - 1.2).exp()  # EDM's ln s ~ N(-1.2, 1.2^2)
+
     def fake_step(self, rounds, x_per_round, cur_nimg):
         """One fake-score update on G's samples: this step's (x_per_round), else fresh ones (DisBack's stage 1)."""
         def fake_loss(i, r):
@@ -245,10 +251,7 @@ class DMD:
             if x0 is None:  # G was not updated this step: draw fresh samples
                 with torch.no_grad():
                     x0 = self.generate(self.G, r.randn('z', *self.img_shape), c)
-            if self.fake_sigma == 'karras':
-                sigma = self.sigma_grid[r.randint('fake_t', len(self.sigma_grid))]
-            else:
-                sigma = (r.randn('fake_t') * 1.2 - 1.2).exp()  # EDM's ln s ~ N(-1.2, 1.2^2)
+            sigma = self.fake_sigmas(r)
             lam = 1 / sigma ** 2 + 1 / 0.5 ** 2
             if self.head is None:
                 D = self.fake(x0 + sigma.view(-1, 1, 1, 1) * r.randn('fake_n', *self.img_shape), sigma, c)

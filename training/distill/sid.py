@@ -245,10 +245,7 @@ class SiD(DMD):
         if x0 is None:
             with torch.no_grad():
                 x0 = self.generate(self.G, r.randn('z', *self.img_shape), c)
-        if self.fake_sigma == 'karras':
-            sigma = self.sigma_grid[r.randint('fake_t', len(self.sigma_grid))]
-        else:
-            sigma = (r.randn('fake_t') * 1.2 - 1.2).exp()  # EDM's ln s ~ N(-1.2, 1.2^2)
+        sigma = self.fake_sigmas(r)
         lam = (sigma ** 2 + 0.5 ** 2) / (sigma * 0.5) ** 2
         s = sigma.view(-1, 1, 1, 1)
         n = r.randn('fake_n', *self.img_shape)
