@@ -530,8 +530,11 @@ def main(**kwargs):
         if error is e:
             raise
         raise error from e
-    if finished is False:  # stopped by SIGTERM/SIGINT with its state written: a scheduler should requeue it
-        raise click.exceptions.Exit(dnnlib.util.EXIT_STOPPED)
+    code = dnnlib.util.EXIT_STOPPED if finished is False else 0  # stopped by SIGTERM/SIGINT: a scheduler requeues
+    if distributed.shutdown():  # finished or stopped with its peers; under torchrun, end past the teardown (see there)
+        distributed.exit_now(code)
+    if code:
+        raise click.exceptions.Exit(code)
 
 
 def _one_line(e):
@@ -706,7 +709,6 @@ def _main(opts):
             logger.close()
         if lock is not None:
             lock.close()  # releases the lock (the kernel does so too when a process dies)
-    distributed.shutdown()  # finished or stopped; an error leaves through main(), which exits at once under torchrun
     return finished
 
 

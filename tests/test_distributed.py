@@ -52,6 +52,39 @@ def test_timeout_from_environment(monkeypatch):
     assert r.exit_code != 0 and 'Error: EDM_DISTILL_TIMEOUT_MIN="nan"' in r.output, r.output
 
 # ----------------------------------------------------------------------------
+# A run that ends with its peers leaves the group, then exits past the interpreter's teardown, where gloo's C++
+# threads aborted 2 of about 60 finished two-process runs (SIGABRT, exit -6: CI failed on it).
+
+@pytest.mark.parametrize('stop, code', [(False, 0), (True, 75)])
+def test_a_finished_rank_leaves_the_group_then_exits_at_once(monkeypatch, tmp_path, stop, code):
+    calls = []
+
+    class Exited(Exception):
+        pass
+
+    def exit_now(c):
+        calls.append(('exit_now', c))
+        raise Exited
+    monkeypatch.setattr(train, '_main', lambda opts: not stop)
+    monkeypatch.setattr(distributed, 'shutdown', lambda: calls.append('shutdown') or True)
+    monkeypatch.setattr(distributed, 'exit_now', exit_now)
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path}', '--dry-run'])
+    assert isinstance(r.exception, Exited) and calls == ['shutdown', ('exit_now', code)], (r.output, calls)
+    monkeypatch.setattr(distributed, 'shutdown', lambda: False)  # one process: click's own exit
+    r = CliRunner().invoke(train.main, [f'--outdir={tmp_path}', '--dry-run'])
+    assert r.exit_code == code and len(calls) == 2
+
+
+def test_shutdown_drops_the_stop_group(monkeypatch):
+    destroyed = []
+    monkeypatch.setattr(distributed, '_cpu_group', object())
+    monkeypatch.setattr(distributed, 'is_distributed', lambda: True)
+    monkeypatch.setattr(torch.distributed, 'destroy_process_group', lambda: destroyed.append(distributed._cpu_group))
+    assert distributed.shutdown() is True and destroyed == [None]
+    monkeypatch.setattr(distributed, 'is_distributed', lambda: False)
+    assert distributed.shutdown() is False and destroyed == [None]
+
+# ----------------------------------------------------------------------------
 # Option names: torchrun parses the whole command line and rejects any abbreviation of its own options that is
 # ambiguous (e.g. EDM's `fid.py calc --num`, which could be --numa-binding or --numa_binding).
 
