@@ -531,8 +531,7 @@ def main(**kwargs):
             raise
         raise error from e
     code = dnnlib.util.EXIT_STOPPED if finished is False else 0  # stopped by SIGTERM/SIGINT: a scheduler requeues
-    if distributed.shutdown():  # finished or stopped with its peers; under torchrun, end past the teardown (see there)
-        distributed.exit_now(code)
+    distributed.shutdown(code)  # finished or stopped with its peers; under torchrun the process ends here
     if code:
         raise click.exceptions.Exit(code)
 
