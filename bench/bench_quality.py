@@ -13,7 +13,8 @@ Problems (bench_disback.py's): `uncond8`, the unconditional 8x8x3 mixture with i
 recipe of RECIPES: `dmd` (the best DMD recipe of docs/BENCHMARKS.md for that problem), `dmd2` (the same with DMD2's
 GAN head, exact mixture samples as the real data), `sid` (SiD's own settings, the lr of the SiD pilot), `sida` (SiD
 with SiDA's encoder classifier on exact samples); trials on uncond8: `sid-ema` (`sid` with an EMA, measured on
-the EMA generator), `sid-b64` (`sid` at batch 64). One process, one thread (`--threads`); runs are sequential. DMD2's
+the EMA generator), `sid-b64` (`sid` at batch 64); on cond16: `dmd2-decay` (`dmd2` with both learning rates
+divided by 10 after 40 G steps). One process, one thread (`--threads`); runs are sequential. DMD2's
 GAN head needs an 8x8 bottleneck, which uncond8's two-level 8x8 teacher does not have (4x4): DMD refuses it and the
 run is recorded as refused.
 
@@ -64,8 +65,12 @@ RECIPES = {
                 'sid': (SiD, 16, SID), 'sida': (SiD, 16, SIDA), 'sid-ema': (SiD, 16, SID_EMA),
                 'sid-b64': (SiD, 64, SID)},  # a trial: SiD at 4x the batch (less gradient noise)
     'cond16': {'dmd': (DMD, 64, DMD_COND16), 'dmd2': (DMD, 64, dict(DMD_COND16, **DMD2_GAN)),
-               'sid': (SiD, 16, SID), 'sida': (SiD, 16, SIDA)},
+               'sid': (SiD, 16, SID), 'sida': (SiD, 16, SIDA),
+               'dmd2-decay': (DMD, 64, dict(DMD_COND16, **DMD2_GAN))},  # a trial: both lrs / 10 after LR_DROP steps
 }
+# Trials with a learning-rate drop: G step at which G's and the fake score's lr are divided by 10 (cond16's dmd and
+# dmd2 reach their best FD by G step 40 and then wander at that level: is it the step size?).
+LR_DROP = {'dmd2-decay': 40}
 DATA_SEED = 1 << 24  # the exact "real" images' stream: apart from the training streams
 
 # ----------------------------------------------------------------------------
@@ -114,6 +119,8 @@ def train(problem, arm, seed, gmm, every=10, patience=10, tol=0.03, max_g_steps=
     best, best_G, stale = rows[0], copy.deepcopy(method.generator()), 0
     while stale < patience and method.num_g_steps < max_g_steps:
         g_before, t0 = method.num_g_steps, time.process_time()
+        if method.num_g_steps == LR_DROP.get(arm) and method.lr == RECIPES[problem.name][arm][2]['lr']:
+            method.lr, method.fake_lr = method.lr / 10, method.fake_lr / 10
         method.step([real_round(gmm, problem.label_dim, seed, step, B, with_data)], step * B)
         cpu += time.process_time() - t0
         step += 1
