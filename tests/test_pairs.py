@@ -284,6 +284,7 @@ def test_torchrun_two_processes_write_the_same_shards(made, tmp_path):
 UNEVEN_RANKS = r'''
 import os, sys, time
 import make_pairs
+from torch_utils import distributed
 from training import pairs
 
 rank, tmp = int(os.environ['RANK']), sys.argv[1]
@@ -305,14 +306,22 @@ def noted_shards_to_make(outdir, plan, config):
     return shards_to_make(outdir, plan, config)
 pairs.make_shard, pairs.shards_to_make = late_make_shard, noted_shards_to_make
 make_pairs.POLL_S = 0.1
-mark('start')
-try:
-    make_pairs.main(sys.argv[2:])
-finally:
+
+def marks():
     if rank == 1:
         mark('rank1-exited')
     if rank == 0 and os.path.exists(os.path.join(sys.argv[-1], 'shard-00002.json')):
         mark('rank0-saw-shard-2')
+exit_now = distributed.exit_now
+def marked_exit_now(code):  # a finished rank leaves the group, then ends here (distributed.shutdown)
+    marks()
+    exit_now(code)
+distributed.exit_now = marked_exit_now
+mark('start')
+try:
+    make_pairs.main(sys.argv[2:])
+finally:
+    marks()
 '''
 
 

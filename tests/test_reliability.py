@@ -636,9 +636,9 @@ from training.batching import StepRandom
 training_loop.training_loop = functools.partial(training_loop.training_loop, preview_grid=0)  # as no_previews
 
 shutdown = distributed.shutdown
-def signalled_shutdown():  # a scheduler's SIGTERM after "Exiting..." (or after "Received SIGTERM")
+def signalled_shutdown(code=0):  # a scheduler's SIGTERM after "Exiting..." (or after "Received SIGTERM")
     os.kill(os.getpid(), signal.SIGTERM)
-    shutdown()
+    shutdown(code)
 distributed.shutdown = signalled_shutdown
 
 class SigtermDuringStep(StepRandom):
